@@ -1,0 +1,65 @@
+"""`quovadis` command line. Parses, sets up logging, runs one job, maps the outcome to an exit code.
+
+Exit status: 0 every input succeeded; 1 some inputs failed (the rest were done, see report.json);
+2 usage error (bad option, bad argument); 3 the job could not run (output directory locked by
+another job, missing weights, an unexpected error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.errors import ConfigError, QuovadisError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
+
+# subcommand -> help; jobs/<name>.py has add_arguments(parser) and run(args) -> JobReport | int | None
+COMMANDS: dict[str, str] = {
+    # name: help; jobs/<name>.py provides add_arguments(parser) and run(args)
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quovadis", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _module(name).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f"jobs.{name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("quovadis")
+    try:
+        outcome = _module(args.command).run(args)
+    except ConfigError as e:
+        parser.error(str(e))  # exits with EXIT_USAGE
+    except QuovadisError as e:
+        log.error("%s", e)
+        return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        log.error("interrupted; a re-run resumes where this one stopped")
+        return EXIT_CANNOT_RUN
+    if isinstance(outcome, int):
+        return outcome
+    if outcome is not None and outcome.failed:
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The end-of-job summary: what was done, what failed and why, how fast. Also written as report.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class JobReport:
+    job: str
+    config: dict[str, Any] = field(default_factory=dict)
+    ok: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # done by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # input -> one-line reason
+    frames: int = 0
+    clips: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    _started: float = field(default_factory=time.monotonic, repr=False)
+
+    def finish(self) -> None:
+        self.seconds = time.monotonic() - self._started
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.job}: {len(self.ok)} ok, {len(self.skipped)} already done, {len(self.failed)} failed; "
+            f"{self.frames} frames, {self.clips} clips in {self.seconds:.1f} s "
+            f"({self.frames_per_second:.1f} frames/s)"
+        ]
+        lines += [f"  failed: {path}: {reason}" for path, reason in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        data["frames_per_second"] = self.frames_per_second
+        return data
+
+    def write(self, out_dir: Path) -> Path:
+        """Write report.json atomically (temporary name, then rename)."""
+        path = out_dir / REPORT_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        return path

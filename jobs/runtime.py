@@ -1,0 +1,62 @@
+"""What every job shares at run time: Ray start-up and the output-directory lock."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import LockError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".quovadis.lock"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address`, or start a quiet embedded local Ray (no dashboard).
+
+    A Ray already initialised in this process (tests share one per session) is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextmanager
+def out_dir_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out_dir` for the whole job.
+
+    flock is released by the kernel when the process dies (even by SIGKILL), so a crashed job
+    never leaves a stale lock; a second live job on the same directory is refused.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockError(
+                f"{out_dir} is in use by another quovadis job (pid {holder}); "
+                "wait for it to finish or choose another --out"
+            ) from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""Numeric conventions shared by every stage, written once.
+
+On disk (shards):
+    rgb   uint8 (T, H, W, 3), RGB order, 0..255.
+    flow  uint8 (T-1, H, W, 2), (x, y) order, quantised q = round((clip(f, -B, B) + B) * 255 / (2B))
+          with B = FLOW_BOUND px; or float16 pixels when stored raw.
+In the model:
+    float32 (N, C, T, H, W) in [-1, 1]: rgb x / 127.5 - 1, flow q / 127.5 - 1 (= clip(f, -B, B) / B).
+Time base: frames resampled to FPS; frame k shows the source at time k / FPS.
+Clips: see `clip_starts` (which clips a video has), `clip_frame_indices` (looped padding) and
+`clip_flow_indices`: a clip of L rgb frames starting at t pairs with the L flow fields
+t->t+1 ... t+L-1->t+L; a video of T frames has T-1 fields and the missing last one repeats T-2->T-1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CONVENTIONS_VERSION = 1
+
+FPS = 25.0  # output frame rate of decode, frames per second
+SHORT_SIDE = 256  # decode resizes the shorter side to this many pixels
+CROP_SIZE = 224  # spatial crop fed to I3D
+CLIP_LEN = 64  # frames per I3D clip (the paper's training length)
+FLOW_BOUND = 20.0  # |flow| clip in pixels before quantisation (the paper's TV-L1 truncation)
+
+_UINT8_HALF = 127.5  # maps uint8 0..255 onto [-1, 1]
+
+
+def rgb_to_model(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (..., T, H, W, 3) -> float32 (..., 3, T, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames)
+    return _channels_first(x.to(torch.float32) / _UINT8_HALF - 1.0)
+
+
+def quantize_flow(flow: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Flow in pixels (any layout) -> uint8 with the same layout."""
+    f = torch.as_tensor(flow, dtype=torch.float32).clamp(-FLOW_BOUND, FLOW_BOUND)
+    q = torch.round((f + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND)))
+    return q.to(torch.uint8).numpy()
+
+
+def dequantize_flow(q: np.ndarray | torch.Tensor) -> np.ndarray:
+    """uint8 flow -> float32 pixels in [-FLOW_BOUND, FLOW_BOUND], same layout."""
+    x = torch.as_tensor(q).to(torch.float32)
+    return (x * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND).numpy()
+
+
+def flow_to_model(flow: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Stored flow (..., T, H, W, 2) -> float32 (..., 2, T, H, W) in [-1, 1].
+
+    uint8 input is read as quantised (q / 127.5 - 1); float input as pixels (clip(f, -B, B) / B).
+    Both give the same value for the same flow, up to quantisation.
+    """
+    x = torch.as_tensor(flow)
+    if x.dtype == torch.uint8:
+        y = x.to(torch.float32) / _UINT8_HALF - 1.0
+    else:
+        y = x.to(torch.float32).clamp(-FLOW_BOUND, FLOW_BOUND) / FLOW_BOUND
+    return _channels_first(y)
+
+
+def clip_starts(num_frames: int, clip_len: int, stride: int) -> list[int]:
+    """First frames of the clips of a video of `num_frames` frames.
+
+    Clips start every `stride` frames. Every clip that fits is kept, and so is the first one that
+    runs past the end (padded by `clip_frame_indices`), so the tail and videos shorter than one
+    clip are covered: a video with >= 1 frame always has >= 1 clip.
+    """
+    if clip_len < 1 or stride < 1:
+        raise ValueError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
+    if num_frames < 1:
+        return []
+    starts = list(range(0, num_frames - clip_len + 1, stride))
+    following = len(starts) * stride
+    if following < num_frames:
+        starts.append(following)
+    return starts
+
+
+def clip_frame_indices(start: int, clip_len: int, num_frames: int) -> np.ndarray:
+    """Frame indices of the clip [start, start + clip_len); past the end the frames from `start`
+    on are looped (start, start+1, ..., T-1, start, ...), the one padding rule of quovadis."""
+    if not 0 <= start < num_frames:
+        raise ValueError(f"clip start {start} outside a video of {num_frames} frames")
+    return start + np.arange(clip_len) % (num_frames - start)
+
+
+def clip_flow_indices(start: int, clip_len: int, num_frames: int) -> np.ndarray:
+    """Indices into a video's flow array (num_frames - 1 fields, field t is t -> t+1) for the clip
+    of rgb frames `clip_frame_indices(start, clip_len, num_frames)`: the field leaving each frame,
+    the last field standing in for the last frame, which has no successor."""
+    if num_frames < 2:
+        raise ValueError(f"flow needs at least two frames, the video has {num_frames}")
+    return np.minimum(clip_frame_indices(start, clip_len, num_frames), num_frames - 2)
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(..., T, H, W, C) -> (..., C, T, H, W)."""
+    return x.movedim(-1, -4).contiguous()
