@@ -26,7 +26,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": False, "include_dashboard": False}
+    kwargs: dict = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
     if address:
         ray.init(address=address, **kwargs)
     else:
