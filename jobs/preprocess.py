@@ -1,0 +1,338 @@
+"""`quovadis preprocess`: videos -> 25 fps RGB (and TV-L1 flow) in sharded HDF5, on Ray.
+
+Data flow: the driver probes inputs (Ray tasks), plans each video's segments and submits one Ray
+task per segment. A segment task decodes its frames in chunks and hands each chunk to the writer
+actor (and, for flow, to a flow actor whose output also goes straight to the writer), waiting for
+each write before decoding on: the object store holds at most a few chunks per task, and the driver
+only ever sees small results. Segments in flight are bounded by the cluster's CPUs (backpressure).
+When all segments of a video are written the writer closes the video; a full shard is renamed
+from its temporary name and its videos are recorded in the manifest.
+
+Re-runs: inputs recorded `ok` are skipped, `failed` ones are retried only with --retry-failed,
+finished shards are never rewritten; one job at a time per output directory (a lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from jobs.inputs import expand_inputs
+from jobs.report import JobReport
+from jobs.runtime import init_ray, out_dir_lock
+from pipeline import conventions
+from pipeline.errors import ConfigError, QuovadisError
+from pipeline.flow import FlowConfig
+from pipeline.decode import DecodeConfig, Segment
+from pipeline.shards import ShardConfig
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("rgb", "flow")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    out: str
+    streams: tuple[str, ...] = STREAMS
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    retry_failed: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.streams or "rgb" not in self.streams or set(self.streams) - set(STREAMS):
+            raise ConfigError(f"--streams must be 'rgb' or 'rgb,flow', got {','.join(self.streams)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, directories (recursive) or @list.txt")
+    p.add_argument("--out", required=True, help="output directory for shards, manifest.jsonl and report.json")
+    p.add_argument("--streams", default="rgb,flow", help="rgb or rgb,flow (default rgb,flow)")
+    p.add_argument("--fps", type=float, default=conventions.FPS, help="output frame rate (default 25)")
+    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE, help="resize shorter side to this; 0 keeps the size")
+    p.add_argument("--shard-size", default="1G", help="target shard file size, e.g. 512M, 2G (default 1G)")
+    p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are split into segments of this length, decoded by different workers")
+    p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
+    p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0 (default: a GPU when present)")
+    p.add_argument("--flow-dtype", choices=("uint8", "float16"), default="uint8", help="store flow quantised (default) or as float16 pixels")
+    p.add_argument("--retry-failed", action="store_true", help="retry inputs a previous run recorded as failed")
+    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5G', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"cannot read size {text!r}; use e.g. 512M or 2G")
+    return int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " "))
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
+    decode = DecodeConfig(
+        fps=args.fps, short_side=args.short_side, segment_frames=max(1, round(args.segment_seconds * args.fps))
+    )
+    shards = dataclasses.replace(ShardConfig(), shard_size_bytes=parse_size(args.shard_size), flow_dtype=args.flow_dtype)
+    flow = dataclasses.replace(FlowConfig(), backend=args.flow_backend, device=args.flow_device)
+    return PreprocessConfig(
+        out=str(Path(args.out).resolve()), streams=streams, decode=decode, shards=shards, flow=flow,
+        retry_failed=args.retry_failed, address=args.address,
+    )
+
+
+def run(args: argparse.Namespace) -> JobReport:
+    cfg = config_from_args(args)
+    report = preprocess(expand_inputs(args.inputs), cfg)
+    log.info("%s", report.summary())
+    return report
+
+
+def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
+    """Preprocess `inputs` into cfg.out; returns the report (also written as report.json)."""
+    from pipeline import manifest
+
+    out = Path(cfg.out)
+    report = JobReport("preprocess", config=cfg.to_dict())
+    with out_dir_lock(out):
+        recorded = manifest.load(out)
+        todo = []
+        for path in inputs:
+            entry = recorded.get(path)
+            if entry is not None and (entry.status == "ok" or not cfg.retry_failed):
+                report.skipped.append(path)
+                if entry.status == "failed":
+                    report.failed[path] = entry.reason or "failed in an earlier run"
+            else:
+                todo.append(path)
+        if report.skipped:
+            log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
+        if todo:
+            init_ray(cfg.address)
+            _Scheduler(cfg, out, report).run(todo)
+        report.finish()
+        report.write(out)
+    return report
+
+
+@dataclass
+class _Video:
+    path: str
+    info: Any = None
+    key: str | None = None
+    segments: list[Segment] = field(default_factory=list)
+    frames: dict[int, int] = field(default_factory=dict)  # segment index -> frames decoded
+    error: str | None = None
+
+
+class _Scheduler:
+    """Keeps a bounded number of probe and segment tasks in flight and reacts as each finishes."""
+
+    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport) -> None:
+        self.cfg, self.out, self.report = cfg, out, report
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.max_in_flight = max(2, cpus + 1)
+        self.writer = ray.remote(num_cpus=0)(_Writer).remote(str(out), cfg.shards, cfg.to_dict())
+        self.flow_actors = []
+        if "flow" in cfg.streams:
+            on_gpu = gpus > 0 and (cfg.flow.device is None or cfg.flow.device.startswith("cuda"))
+            n, res = (gpus, {"num_gpus": 1, "num_cpus": 1}) if on_gpu else (1, {"num_cpus": min(1.0, cpus / 2)})
+            self.flow_actors = [ray.remote(**res)(_FlowActor).remote(cfg.flow) for _ in range(n)]
+        self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
+        self.next_segment = 0
+
+    def run(self, todo: list[str]) -> None:
+        probes = deque(_Video(p) for p in todo)
+        segments: deque[tuple[_Video, Segment]] = deque()
+        progress = tqdm(total=len(todo), unit="video", desc="preprocess", disable=None)
+        started = time.monotonic()
+        while probes or segments or self.in_flight:
+            while len(self.in_flight) < self.max_in_flight and (segments or probes):
+                if segments:
+                    video, seg = segments.popleft()
+                    self._submit_segment(video, seg)
+                else:
+                    video = probes.popleft()
+                    self.in_flight[_probe.remote(video.path)] = ("probe", video, None)
+            [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+            kind, video, seg = self.in_flight.pop(ref)
+            was_open = video.error is None
+            try:
+                result = ray.get(ref)
+                if kind == "probe":
+                    segments.extend(self._begin(video, result))
+                else:
+                    video.frames[seg.index] = result
+                    if len(video.frames) == len(video.segments) and video.error is None:
+                        self._end(video)
+            except Exception as e:  # a video's failure is never the job's
+                self._fail(video, _reason(e))
+            if was_open and (video.error is not None or len(video.frames) == len(video.segments) > 0):
+                progress.update(1)
+                rate = self.report.frames / max(time.monotonic() - started, 1e-9)
+                progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
+        self._record(ray.get(self.writer.close.remote()))
+        progress.close()
+
+    def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
+        from pipeline.decode import output_size, plan_segments
+
+        video.info = info
+        height, width = output_size(info, self.cfg.decode)
+        expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
+        video.key = ray.get(
+            self.writer.begin_video.remote(
+                video.path, height=height, width=width, expected_frames=expected,
+                streams=self.cfg.streams, attrs=info.to_dict(),
+            )
+        )
+        video.segments = plan_segments(info, self.cfg.decode)
+        return [(video, seg) for seg in video.segments]
+
+    def _submit_segment(self, video: _Video, seg: Segment) -> None:
+        if video.error is not None:
+            return
+        flow_actor = None
+        if self.flow_actors:
+            flow_actor = self.flow_actors[self.next_segment % len(self.flow_actors)]
+            self.next_segment += 1
+        ref = _decode_segment.remote(video.path, video.info, video.key, seg, self.cfg.decode, self.writer, flow_actor)
+        self.in_flight[ref] = ("segment", video, seg)
+
+    def _end(self, video: _Video) -> None:
+        counts = [video.frames[s.index] for s in video.segments]
+        for seg, count in zip(video.segments[:-1], counts[:-1]):
+            if seg.end is not None and count != seg.end - seg.start:
+                self._fail(video, f"stream ended at frame {seg.start + count}, before its container's duration says")
+                return
+        frames = video.segments[-1].start + counts[-1]
+        self.report.frames += frames
+        self.report.ok.append(video.path)
+        self._record(ray.get(self.writer.end_video.remote(video.key, frames)))
+
+    def _fail(self, video: _Video, reason: str) -> None:
+        from pipeline import manifest
+        from pipeline.manifest import ManifestEntry
+
+        if video.error is not None:
+            return
+        video.error = reason
+        log.warning("%s: %s", video.path, reason)
+        if video.key is not None:
+            try:
+                ray.get(self.writer.abort_video.remote(video.key))
+            except Exception as e:
+                log.warning("%s: could not drop its partial data: %s", video.path, _reason(e))
+        self.report.failed[video.path] = reason
+        if video.path in self.report.ok:
+            self.report.ok.remove(video.path)
+        manifest.append(self.out, [ManifestEntry(input=video.path, status="failed", reason=reason)])
+
+    def _record(self, entries: list) -> None:
+        from pipeline import manifest
+
+        if entries:
+            manifest.append(self.out, entries)
+
+
+class _Writer:
+    """The one process that writes shards (h5py is single-writer): a thin actor over ShardWriter."""
+
+    def __init__(self, out_dir: str, cfg: ShardConfig, job_config: dict) -> None:
+        from pipeline.shards import ShardWriter
+
+        self.writer = ShardWriter(Path(out_dir), cfg, job_config)
+
+    def begin_video(self, *args, **kwargs) -> str:
+        return self.writer.begin_video(*args, **kwargs)
+
+    def write_rgb(self, key: str, start: int, frames: np.ndarray) -> None:
+        self.writer.write_rgb(key, start, frames)
+
+    def write_flow(self, key: str, start: int, flow: np.ndarray) -> None:
+        self.writer.write_flow(key, start, flow)
+
+    def end_video(self, key: str, frames: int) -> list:
+        return self.writer.end_video(key, frames)
+
+    def abort_video(self, key: str) -> None:
+        self.writer.abort_video(key)
+
+    def close(self) -> list:
+        return self.writer.close()
+
+
+class _FlowActor:
+    """Holds the flow device once; receives batches of consecutive frames from segment tasks."""
+
+    def __init__(self, cfg: FlowConfig) -> None:
+        from pipeline.flow import FlowPredictor
+
+        self.predict = FlowPredictor(cfg)
+
+    def flow(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 (t, H, W, 3) -> float32 (t-1, H, W, 2) pixels."""
+        return self.predict(frames)
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def _probe(path: str):
+    from pipeline.probe import probe
+
+    return probe(path)
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actor) -> int:
+    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment.
+
+    With flow, one frame past the segment's end is decoded so that the flow fields at the border
+    (seg.end-1 -> seg.end) are the ones an unsplit run computes.
+    """
+    from pipeline.decode import iter_frames
+
+    end = seg.end + 1 if (flow_actor is not None and seg.end is not None) else seg.end
+    count = 0
+    previous = None  # last frame of the previous chunk: the first frame of the next flow pair
+    pending: list = []
+    for chunk in iter_frames(path, cfg, info, start=seg.start, end=end):
+        own = chunk.frames if seg.end is None else chunk.frames[: seg.end - chunk.start]
+        ray.get(pending)  # backpressure: one chunk in flight per segment
+        pending = []
+        if len(own):
+            pending.append(writer.write_rgb.remote(key, chunk.start, own))
+            count += len(own)
+        if flow_actor is not None:
+            frames = chunk.frames if previous is None else np.concatenate([previous[None], chunk.frames])
+            first = chunk.start if previous is None else chunk.start - 1
+            if len(frames) >= 2:
+                pending.append(writer.write_flow.remote(key, first, flow_actor.flow.remote(frames)))
+            previous = chunk.frames[-1]
+    ray.get(pending)
+    return count
+
+
+def _reason(e: Exception) -> str:
+    """One line naming the cause, from a Ray task error or our own."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, QuovadisError):
+        return str(cause).splitlines()[0]
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
