@@ -1,0 +1,171 @@
+"""`quovadis bench shards`: shard compression and chunking measured on real decoded frames.
+
+For each compression (none, lzf, gzip1, gzip4) and chunk length (frames per chunk) it writes the
+decoded videos through ShardWriter (in 32-frame segments, as the job does), then reads random
+64-frame clips through ShardReader, and reports write MB/s, read clips/s and MB/s, and the size
+against raw uint8. Reads come from the page cache (the files were just written), so they measure
+decompression and HDF5 overhead, the part the format decides, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jobs.report import JobReport
+from pipeline import conventions
+from pipeline.errors import ConfigError, DecodeError
+from pipeline.shards import ShardConfig, ShardReader, ShardWriter, list_shards
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".h265", ".m4v"}
+SEGMENT = 32  # frames per write call, like one decode chunk of the job
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("videos", nargs="*", type=Path, help=f"video files or folders (default {DEFAULT_VIDEOS})")
+    parser.add_argument("--compressions", default="none,lzf,gzip1,gzip4", help="comma-separated list")
+    parser.add_argument("--chunk-frames", default="1,2,4,8", help="comma-separated frames per chunk")
+    parser.add_argument("--max-seconds", type=float, default=12.0, help="decode at most this much of each video")
+    parser.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
+    parser.add_argument("--clips", type=int, default=200, help="random clips read per setting")
+    parser.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write shards (default a temp dir)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def _decode(path: Path, short_side: int, max_seconds: float) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames at conventions.FPS with the short side scaled to `short_side`."""
+    try:
+        from pipeline.decode import DecodeConfig, iter_frames  # the product decoder, once present
+
+        cfg = DecodeConfig(short_side=short_side)
+        chunks, total = [], 0
+        for item in iter_frames(path, cfg):
+            frames = item[0] if isinstance(item, tuple) else getattr(item, "frames", item)
+            chunks.append(np.asarray(frames))
+            total += len(chunks[-1])
+            if total >= max_seconds * conventions.FPS:
+                break
+        return np.concatenate(chunks)[: int(max_seconds * conventions.FPS)]
+    except ImportError:
+        pass
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-t", str(max_seconds),
+           "-an", "-vf", f"fps={conventions.FPS:g},scale=-2:{short_side}", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True)
+    log_text = out.stderr.decode(errors="replace")
+    # the output stream line of ffmpeg's log gives the scaled size: "Output #0 ... Video: rawvideo ..., 456x256"
+    output_log = log_text[log_text.find("Output #0") :]
+    sizes = re.findall(r"Video: rawvideo.*?, (\d+)x(\d+)", output_log)
+    if out.returncode != 0 or not out.stdout or not sizes:
+        raise DecodeError(f"{path}: ffmpeg failed: {log_text.strip().splitlines()[-1:]}")
+    w, h = map(int, sizes[0])
+    return np.frombuffer(out.stdout, np.uint8).reshape(-1, h, w, 3)
+
+
+def _video_paths(items: list[Path]) -> list[Path]:
+    items = items or [DEFAULT_VIDEOS]
+    paths: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise ConfigError(f"{item}: no such file or folder")
+    return paths
+
+
+def _measure(videos: dict[str, np.ndarray], compression: str, chunk: int, args, work: Path) -> dict:
+    out = work / f"{compression}-{chunk}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = ShardConfig(compression=compression, chunk_frames=chunk)
+    raw = sum(v.nbytes for v in videos.values())
+    t0 = time.perf_counter()
+    writer = ShardWriter(out, cfg, {"bench": True})
+    for name, frames in videos.items():
+        t, h, w, _ = frames.shape
+        key = writer.begin_video(name, height=h, width=w, expected_frames=t, streams=("rgb",), attrs={})
+        for s in range(0, t, SEGMENT):
+            writer.write_rgb(key, s, frames[s : s + SEGMENT])
+        writer.end_video(key, t)
+    entries = writer.close()
+    write_s = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in list_shards(out))
+
+    rng = np.random.default_rng(0)
+    long_enough = [e for e in entries if e.frames >= args.clip_len]
+    read_bytes = 0
+    with ShardReader(out / entries[0].shard) as reader:
+        t0 = time.perf_counter()
+        for _ in range(args.clips):
+            e = long_enough[rng.integers(len(long_enough))]
+            start = int(rng.integers(0, e.frames - args.clip_len + 1))
+            clip = reader[e.key].rgb(start, start + args.clip_len)
+            read_bytes += clip.nbytes
+        read_s = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "compression": compression,
+        "chunk_frames": chunk,
+        "chunk_kib": round(chunk * max(v[0].nbytes for v in videos.values()) / 1024),
+        "size_ratio": size / raw,
+        "write_mb_s": raw / write_s / 1e6,
+        "read_clips_s": args.clips / read_s,
+        "read_mb_s": read_bytes / read_s / 1e6,
+    }
+
+
+def run_bench(args: argparse.Namespace) -> JobReport:
+    report = JobReport(job="bench shards", config={k: str(v) for k, v in vars(args).items() if k != "func"})
+    compressions = [c.strip() for c in args.compressions.split(",") if c.strip()]
+    chunks = [int(c) for c in args.chunk_frames.split(",") if c.strip()]
+    for c in compressions:
+        ShardConfig(compression=c)  # validates the names before any decoding
+    videos: dict[str, np.ndarray] = {}
+    for path in _video_paths(list(args.videos)):
+        try:
+            videos[str(path)] = _decode(path, args.short_side, args.max_seconds)
+            report.ok.append(str(path))
+        except DecodeError as e:
+            report.failed[str(path)] = str(e)
+    if not any(len(v) >= args.clip_len for v in videos.values()):
+        raise ConfigError(f"no decoded video has {args.clip_len} frames to read clips from")
+    report.frames = sum(len(v) for v in videos.values())
+    log.info("decoded %d frames (%.0f MB raw) from %d videos", report.frames,
+             sum(v.nbytes for v in videos.values()) / 1e6, len(videos))  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for compression in compressions:
+            for chunk in chunks:
+                rows.append(_measure(videos, compression, chunk, args, Path(tmp)))
+                log.info("%s", rows[-1])
+    header = f"{'compression':<11} {'chunk':>5} {'KiB':>6} {'size/raw':>8} {'write MB/s':>10} {'clips/s':>8} {'read MB/s':>9}"
+    lines = [header] + [
+        f"{r['compression']:<11} {r['chunk_frames']:>5} {r['chunk_kib']:>6} {r['size_ratio']:>8.3f} "
+        f"{r['write_mb_s']:>10.0f} {r['read_clips_s']:>8.1f} {r['read_mb_s']:>9.0f}"
+        for r in rows
+    ]
+    print("\n".join(lines))  # the table is this command's output
+    report.extra = {"rows": rows, "raw_bytes": sum(v.nbytes for v in videos.values())}
+    report.finish()
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+run = run_bench

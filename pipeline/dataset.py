@@ -1,0 +1,193 @@
+"""ShardDataset: I3D clips from a shard directory, as a torch Dataset.
+
+Each item is one clip of `clip_len` frames of one video:
+    rgb   float32 (3, T, h, w) in [-1, 1]   (conventions.rgb_to_model)
+    flow  float32 (2, T, h, w) in [-1, 1]   (conventions.flow_to_model), (x, y) channels
+    video str (the input path), key str, start int (first frame), frames int (of the video),
+    crop_box int64 tensor (top, left, height, width), flipped bool.
+Clips start at `conventions.clip_starts(T, clip_len, stride)`; a clip running past the end loops
+its frames (`conventions.clip_frame_indices`), so every video yields >= 1 clip; flow fields follow
+`conventions.clip_flow_indices`. One crop box and one flip decision serve rgb and flow of a clip;
+flipping flow horizontally also negates its x channel, as a mirrored motion moves the other way.
+
+Crops: "center" / "random" take `crop_size` x `crop_size`; a video smaller than that in either
+side is refused in __init__ (ConfigError naming it): padding would feed the model borders it
+never saw, and preprocess makes frames >= 256 px anyway. "full" keeps the whole frame (batch only
+videos of one size, or use batch_size 1).
+
+Randomness (random crop, flip, temporal="random"): with `seed=None` it comes from torch's global
+RNG, which DataLoader seeds per worker from its own generator (reproducible under
+torch.manual_seed); with an int seed each item draws from (seed, epoch, index), independent of
+workers and order, and `set_epoch` changes the draw per epoch.
+
+HDF5 files are opened lazily, per process: a DataLoader worker forked after __init__ (or after the
+parent read items) opens its own handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline import conventions
+from pipeline.errors import ConfigError, ShardError
+from pipeline.manifest import ManifestEntry, load as manifest_load
+from pipeline.shards import read_frames
+
+log = logging.getLogger(__name__)
+
+CROPS = ("center", "random", "full")
+TEMPORAL = ("grid", "random")
+_READ_CACHE_BYTES = 4 << 20
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Clips of the `ok` videos of a shard directory (see the module docstring)."""
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike[str],
+        *,
+        clip_len: int = conventions.CLIP_LEN,
+        stride: int | None = None,
+        streams: Sequence[str] = ("rgb",),
+        crop: str = "center",
+        crop_size: int = conventions.CROP_SIZE,
+        flip: bool = False,
+        temporal: str = "grid",
+        videos: Sequence[str] | None = None,
+        seed: int | None = None,
+    ):
+        """`stride` defaults to `clip_len`; `temporal="random"` gives one clip per video at a random
+        start instead of the grid of `clip_starts`; `videos` restricts to these inputs (input paths
+        as in the manifest, or keys; ConfigError for any not stored)."""
+        self.shard_dir = Path(shard_dir)
+        self.clip_len = int(clip_len)
+        self.stride = int(stride) if stride is not None else self.clip_len
+        self.streams = tuple(streams)
+        self.crop, self.crop_size, self.flip, self.temporal, self.seed = crop, int(crop_size), flip, temporal, seed
+        self.epoch = 0
+        if self.clip_len < 1 or self.stride < 1:
+            raise ConfigError(f"clip_len and stride must be >= 1, got {clip_len} and {stride}")
+        if not self.streams or set(self.streams) - {"rgb", "flow"}:
+            raise ConfigError(f"streams must be among rgb, flow, got {streams}")
+        if crop not in CROPS:
+            raise ConfigError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+        if temporal not in TEMPORAL:
+            raise ConfigError(f"temporal must be one of {', '.join(TEMPORAL)}, got {temporal!r}")
+        if crop != "full" and self.crop_size < 1:
+            raise ConfigError(f"crop_size must be >= 1, got {crop_size}")
+
+        entries = [e for e in manifest_load(self.shard_dir).values() if e.status == "ok"]
+        if videos is not None:
+            wanted = {str(v) for v in videos}
+            entries = [e for e in entries if e.input in wanted or e.key in wanted]
+            missing = wanted - {e.input for e in entries} - {e.key for e in entries}
+            if missing:
+                raise ConfigError(f"{self.shard_dir}: not stored (no ok manifest entry): {sorted(missing)[:5]}")
+        self.entries: list[ManifestEntry] = []
+        for e in sorted(entries, key=lambda e: (e.shard, e.key)):
+            if "flow" in self.streams and (e.frames < 2 or "flow" not in e.info.get("streams", ["flow"])):
+                log.warning("%s: skipped, no flow stored (%d frames)", e.input, e.frames)
+                continue
+            h, w = e.info.get("height"), e.info.get("width")
+            if crop != "full" and h is not None and w is not None and min(h, w) < self.crop_size:
+                raise ConfigError(
+                    f"{e.input}: frames {h}x{w} are smaller than crop_size {self.crop_size}; "
+                    "use crop='full' or a smaller crop_size"
+                )
+            self.entries.append(e)
+        if temporal == "grid":
+            self.items = [
+                (v, s)
+                for v, e in enumerate(self.entries)
+                for s in conventions.clip_starts(e.frames, self.clip_len, self.stride)
+            ]
+        else:
+            self.items = [(v, -1) for v in range(len(self.entries))]
+        self._files: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random draws of an int `seed` from one epoch to the next."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # open HDF5 handles do not travel to spawned workers
+        return state
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        video_index, start = self.items[index]
+        entry = self.entries[video_index]
+        rand = self._random(index)
+        frames = entry.frames
+        if start < 0:  # temporal="random"
+            start = int(rand(max(frames - self.clip_len, 0) + 1))
+        group = self._group(entry)
+        height, width = group["rgb"].shape[1:3]
+        top, left, ch, cw = self._crop_box(height, width, rand)
+        flipped = bool(self.flip and rand(2) == 1)
+        region = (slice(top, top + ch), slice(left, left + cw))
+
+        item: dict[str, Any] = {"video": entry.input, "key": entry.key, "start": start, "frames": frames}
+        if "rgb" in self.streams:
+            rgb = read_frames(group["rgb"], conventions.clip_frame_indices(start, self.clip_len, frames), region)
+            x = conventions.rgb_to_model(rgb)  # (3, T, h, w)
+            item["rgb"] = torch.flip(x, dims=[-1]) if flipped else x
+        if "flow" in self.streams:
+            flow = read_frames(group["flow"], conventions.clip_flow_indices(start, self.clip_len, frames), region)
+            y = conventions.flow_to_model(flow)  # (2, T, h, w), channel 0 = x
+            if flipped:
+                y = torch.flip(y, dims=[-1])
+                y[0].neg_()
+            item["flow"] = y
+        item["crop_box"] = torch.tensor([top, left, ch, cw])
+        item["flipped"] = flipped
+        return item
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _random(self, index: int):
+        """A function n -> random int in [0, n) for this item (see the module docstring)."""
+        if self.seed is None:
+            return lambda n: int(torch.randint(n, ()).item())
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        return lambda n: int(rng.integers(n))
+
+    def _crop_box(self, height: int, width: int, rand) -> tuple[int, int, int, int]:
+        if self.crop == "full":
+            return 0, 0, height, width
+        size = self.crop_size
+        if height < size or width < size:
+            raise ShardError(f"frames {height}x{width} are smaller than crop_size {size}")
+        if self.crop == "center":
+            return (height - size) // 2, (width - size) // 2, size, size
+        return rand(height - size + 1), rand(width - size + 1), size, size
+
+    def _group(self, entry: ManifestEntry) -> h5py.Group:
+        if os.getpid() != self._pid:  # a forked worker: never share the parent's HDF5 handles
+            self._files = {}
+            self._pid = os.getpid()
+        f = self._files.get(entry.shard)
+        if f is None:
+            path = self.shard_dir / entry.shard
+            try:
+                f = h5py.File(path, "r", rdcc_nbytes=_READ_CACHE_BYTES)
+            except OSError as e:
+                raise ShardError(f"cannot open shard {path}: {e}") from e
+            self._files[entry.shard] = f
+        try:
+            return f[entry.key]
+        except KeyError:
+            raise ShardError(f"{self.shard_dir / entry.shard} has no video {entry.key} ({entry.input})") from None

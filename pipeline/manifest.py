@@ -1,0 +1,159 @@
+"""The manifest of a shard directory: what happened to every input, append-only.
+
+On disk (readable with `json` alone)::
+
+    OUT/manifest.jsonl     one JSON object per line, UTF-8, appended and fsync'd per batch of events:
+      {"input": "/abs/path/video.mp4",   # the input as the job saw it (absolute path)
+       "status": "ok" | "failed",
+       "shard": "shard-00000.h5" | null, # file name inside OUT (ok only)
+       "key": "video-3f2a...e1" | null,  # HDF5 group of the video in that shard (ok only)
+       "frames": 133 | null,             # frames stored (ok only)
+       "reason": null | "one line",      # why it failed (failed only)
+       "info": {...}}                    # free metadata: probe results, height, width, fps, streams
+
+Rules: the LAST line for an input wins (a retried failure is followed by its `ok`); a line that
+does not parse is skipped with a warning, which covers a torn last line from a crash mid-write.
+An `ok` line is written only after its shard was renamed to its final name, so every `ok` entry
+points at a complete shard. Paths that are not valid UTF-8 round-trip through JSON's `\\udcXX`
+escapes (Python's surrogateescape).
+
+Reading a video without quovadis::
+
+    import h5py, json
+    entries = {}
+    for line in open("OUT/manifest.jsonl", encoding="utf-8"):
+        try: e = json.loads(line)
+        except ValueError: continue
+        entries[e["input"]] = e
+    e = entries["/abs/path/video.mp4"]
+    with h5py.File(f"OUT/{e['shard']}", "r") as f:
+        rgb = f[e["key"]]["rgb"][0:64]    # uint8 (64, H, W, 3)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import ShardError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.jsonl"
+
+Status = Literal["ok", "failed"]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One event for one input: stored (`ok`, with shard/key/frames) or `failed` (with reason)."""
+
+    input: str
+    status: Status
+    shard: str | None = None
+    key: str | None = None
+    frames: int | None = None
+    reason: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status == "ok":
+            if not self.shard or not self.key or self.frames is None:
+                raise ShardError(f"manifest entry for {self.input!r}: ok needs shard, key and frames")
+        elif self.status == "failed":
+            if not self.reason:
+                raise ShardError(f"manifest entry for {self.input!r}: failed needs a reason")
+        else:
+            raise ShardError(f"manifest entry for {self.input!r}: unknown status {self.status!r}")
+
+    @classmethod
+    def failed(cls, input: str, reason: str, info: dict[str, Any] | None = None) -> ManifestEntry:
+        """A failure with a one-line reason (newlines are folded so the line stays one line)."""
+        one_line = " ".join(str(reason).split()) or "unknown error"
+        return cls(input=input, status="failed", reason=one_line, info=dict(info or {}))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=True, sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ManifestEntry:
+        return cls(
+            input=data["input"],
+            status=data["status"],
+            shard=data.get("shard"),
+            key=data.get("key"),
+            frames=data.get("frames"),
+            reason=data.get("reason"),
+            info=dict(data.get("info") or {}),
+        )
+
+
+def manifest_path(out_dir: Path) -> Path:
+    return Path(out_dir) / MANIFEST_NAME
+
+
+def append(out_dir: Path, entries: Iterable[ManifestEntry]) -> None:
+    """Append entries as lines and fsync, so an entry that returned is on disk.
+
+    A torn line left by an earlier crash is closed with a newline first, so it cannot swallow
+    the first new entry.
+    """
+    lines = [e.to_json() + "\n" for e in entries]
+    if not lines:
+        return
+    path = manifest_path(out_dir)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                lines.insert(0, "\n")
+            data = "".join(lines).encode("ascii")  # ensure_ascii: every line is plain ASCII
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ShardError(f"cannot append to manifest {path}: {e}") from e
+
+
+def load(out_dir: Path) -> dict[str, ManifestEntry]:
+    """The latest entry per input; unparsable lines (a torn tail) are skipped with a warning.
+
+    A directory without a manifest has no entries.
+    """
+    path = manifest_path(out_dir)
+    entries: dict[str, ManifestEntry] = {}
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return entries
+    except OSError as e:
+        raise ShardError(f"cannot read manifest {path}: {e}") from e
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = ManifestEntry.from_dict(json.loads(line))
+        except (ValueError, KeyError, TypeError, ShardError) as e:
+            log.warning("%s line %d is not a manifest entry (torn write?), skipped: %s", path, number, e)
+            continue
+        entries[entry.input] = entry
+    return entries
+
+
+def done_inputs(out_dir: Path) -> set[str]:
+    """Inputs whose latest entry is `ok` (a re-run skips them)."""
+    return {k for k, e in load(out_dir).items() if e.status == "ok"}
+
+
+def failed_inputs(out_dir: Path) -> dict[str, str]:
+    """Inputs whose latest entry is `failed`, with their reasons (retried with --retry-failed)."""
+    return {k: e.reason or "" for k, e in load(out_dir).items() if e.status == "failed"}
