@@ -24,6 +24,7 @@ import numpy as np
 from jobs.report import JobReport
 from pipeline import conventions
 from pipeline.errors import ConfigError, DecodeError
+from pipeline.probe import ffmpeg_exe
 from pipeline.shards import ShardConfig, ShardReader, ShardWriter, list_shards
 
 log = logging.getLogger(__name__)
@@ -47,23 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _decode(path: Path, short_side: int, max_seconds: float) -> np.ndarray:
     """uint8 (T, H, W, 3) frames at conventions.FPS with the short side scaled to `short_side`."""
-    try:
-        from pipeline.decode import DecodeConfig, iter_frames  # the product decoder, once present
-
-        cfg = DecodeConfig(short_side=short_side)
-        chunks, total = [], 0
-        for item in iter_frames(path, cfg):
-            frames = item[0] if isinstance(item, tuple) else getattr(item, "frames", item)
-            chunks.append(np.asarray(frames))
-            total += len(chunks[-1])
-            if total >= max_seconds * conventions.FPS:
-                break
-        return np.concatenate(chunks)[: int(max_seconds * conventions.FPS)]
-    except ImportError:
-        pass
-    import imageio_ffmpeg
-
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-t", str(max_seconds),
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-t", str(max_seconds),
            "-an", "-vf", f"fps={conventions.FPS:g},scale=-2:{short_side}", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True)
@@ -150,6 +135,7 @@ def run_bench(args: argparse.Namespace) -> JobReport:
              sum(v.nbytes for v in videos.values()) / 1e6, len(videos))  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        _measure(videos, compressions[0], chunks[0], args, Path(tmp))  # warm-up (allocator, page cache), discarded
         for compression in compressions:
             for chunk in chunks:
                 rows.append(_measure(videos, compression, chunk, args, Path(tmp)))

@@ -59,7 +59,7 @@ _KEY_STEM_CHARS = 48
 _RESERVED_ATTRS = frozenset(
     {"source_path", "frames", "fps", "height", "width", "conventions_version", "config", "complete", "flow_dtype"}
 )
-_WRITE_CACHE_BYTES = 16 << 20  # per dataset: holds the partial chunks of out-of-order segments
+_WRITE_CACHE_BYTES = 4 << 20  # per dataset: holds the partial chunks at segment borders
 _READ_CACHE_BYTES = 4 << 20  # per dataset: a few chunks of one clip
 
 
@@ -335,6 +335,11 @@ class ShardWriter:
         group.attrs["frames"] = int(frames)
         group.attrs["complete"] = True
         video.frames = int(frames)
+        try:
+            video.shard.file.flush()  # the video's cached chunks reach the file, so its size is true
+        except OSError as e:
+            raise ShardError(f"{video.shard.tmp_path}: cannot flush: {e}") from e
+        self._check_full(video.shard)
         return self._finish_ready()
 
     def abort_video(self, key: str) -> None:
@@ -408,8 +413,13 @@ class ShardWriter:
         except (OSError, ValueError, TypeError) as e:
             raise ShardError(f"{video.shard.tmp_path}: cannot write {stream} of {video.source_path}: {e}") from e
         video.written[stream].add(start, stop)
-        if not video.shard.full and video.shard.size() >= self.cfg.shard_size_bytes:
-            video.shard.full = True
+        self._check_full(video.shard)
+
+    def _check_full(self, shard: _Shard) -> None:
+        """Full once the file reaches the target size. Between flushes (each end_video) the size
+        lags by at most the chunk cache of the open datasets (_WRITE_CACHE_BYTES each)."""
+        if not shard.full and shard.size() >= self.cfg.shard_size_bytes:
+            shard.full = True
 
     def _finish_ready(self) -> list[ManifestEntry]:
         entries: list[ManifestEntry] = []
