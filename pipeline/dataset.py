@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 CROPS = ("center", "random", "full")
 TEMPORAL = ("grid", "random")
 _READ_CACHE_BYTES = 4 << 20
+_MAX_OPEN_FILES = 64  # per worker; the oldest handle is closed beyond this
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -87,9 +88,11 @@ class ShardDataset(torch.utils.data.Dataset):
 
         entries = [e for e in manifest_load(self.shard_dir).values() if e.status == "ok"]
         if videos is not None:
-            wanted = {str(v) for v in videos}
+            names = {str(v): {str(v), os.path.abspath(v)} for v in videos}  # as given, or relative paths
+            wanted = set().union(*names.values())
             entries = [e for e in entries if e.input in wanted or e.key in wanted]
-            missing = wanted - {e.input for e in entries} - {e.key for e in entries}
+            found = {e.input for e in entries} | {e.key for e in entries}
+            missing = {v for v, forms in names.items() if not forms & found}
             if missing:
                 raise ConfigError(f"{self.shard_dir}: not stored (no ok manifest entry): {sorted(missing)[:5]}")
         self.entries: list[ManifestEntry] = []
@@ -182,6 +185,8 @@ class ShardDataset(torch.utils.data.Dataset):
         f = self._files.get(entry.shard)
         if f is None:
             path = self.shard_dir / entry.shard
+            if len(self._files) >= _MAX_OPEN_FILES:
+                self._files.pop(next(iter(self._files))).close()
             try:
                 f = h5py.File(path, "r", rdcc_nbytes=_READ_CACHE_BYTES)
             except OSError as e:

@@ -342,16 +342,12 @@ class ShardWriter:
         self._check_full(video.shard)
         return self._finish_ready()
 
-    def abort_video(self, key: str) -> None:
-        """Forget a failed video: its group is deleted (the space is not reclaimed; fine)."""
-        video = self._videos.pop(key, None)
-        if video is None:
-            return
-        del video.shard.videos[key]
-        try:
-            del video.shard.file[key]
-        except (KeyError, OSError) as e:
-            raise ShardError(f"{video.shard.tmp_path}: cannot delete group {key}: {e}") from e
+    def abort_video(self, key: str) -> list[ManifestEntry]:
+        """Forget a failed video: its group is deleted (the space is not reclaimed; fine).
+
+        Returns the entries of a full shard that this video was the last one open in."""
+        self._drop(key)
+        return self._finish_ready()
 
     def finish_ready(self) -> list[ManifestEntry]:
         """Finalise full shards whose videos are all ended (end_video does this already)."""
@@ -363,7 +359,7 @@ class ShardWriter:
         for shard in list(self._shards):
             for key in [k for k, v in shard.videos.items() if v.frames is None]:
                 log.warning("%s: dropping unfinished video %s", shard.tmp_path, shard.videos[key].source_path)
-                self.abort_video(key)
+                self._drop(key)
             entries += self._finalise(shard)
         self._current = None
         return entries
@@ -381,6 +377,16 @@ class ShardWriter:
             return self._videos[key]
         except KeyError:
             raise ShardError(f"no video with key {key!r} is being written") from None
+
+    def _drop(self, key: str) -> None:
+        video = self._videos.pop(key, None)
+        if video is None:
+            return
+        del video.shard.videos[key]
+        try:
+            del video.shard.file[key]
+        except (KeyError, OSError) as e:
+            raise ShardError(f"{video.shard.tmp_path}: cannot delete group {key}: {e}") from e
 
     def _shard_for_new_video(self) -> _Shard:
         if self._current is None or self._current.full:

@@ -153,6 +153,7 @@ def test_video_selection_and_refusals(shard_dir):
     out, _ = shard_dir
     ds = ShardDataset(out, clip_len=4, crop="full", videos=["/v/three.mp4"])
     assert len(ds) == 1 and ds[0]["video"] == "/v/three.mp4"
+    assert len(ShardDataset(out, clip_len=4, crop="full", videos=[ds[0]["key"]])) == 1  # by key too
     with pytest.raises(ConfigError, match="not stored"):
         ShardDataset(out, videos=["/v/missing.mp4"])
     with pytest.raises(ConfigError, match="smaller than crop_size"):

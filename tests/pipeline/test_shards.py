@@ -223,6 +223,14 @@ def test_abort_and_close_drop_unfinished_videos(tmp_path):
         assert r.keys() == [kb]
     assert set(manifest.load(tmp_path)) == {"/v/b.mp4"}
 
+    full = tmp_path / "full"  # a full shard whose last open video fails is finalised at once
+    w = ShardWriter(full, ShardConfig(shard_size_bytes=1000, compression="none"), {})
+    ka, kb = begin(w, "/v/a.mp4", 3), begin(w, "/v/b.mp4", 3)
+    w.write_rgb(ka, 0, frames_of(3, 0))
+    assert w.end_video(ka, 3) == []
+    assert [e.input for e in w.abort_video(kb)] == ["/v/a.mp4"]
+    assert (full / "shard-00000.h5").exists() and w.close() == []
+
     empty = tmp_path / "empty"
     w = ShardWriter(empty, ShardConfig(), {})
     w.abort_video(begin(w, "/v/a.mp4", 3))
