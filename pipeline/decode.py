@@ -1,0 +1,242 @@
+"""Decoding a video into constant-rate, square-pixel, resized uint8 RGB frames, in bounded chunks.
+
+Contract of `iter_frames`:
+    yields FrameChunk(start, frames) with frames uint8 (t, H, W, 3), RGB, 0..255, t <= chunk_frames,
+    (H, W) = output_size(info, cfg). frames[i] is output frame start+i.
+Time base: output frame k shows the source at time `info.start_time + k / cfg.fps` (k/fps after the
+first pts of the video stream). ffmpeg's `fps` filter picks, for each output tick k, the latest
+source frame whose timestamp, rounded to the nearest tick, is <= k: the frame on screen at that
+time to within half an output frame. So variable, NTSC and low/high frame-rate sources come out
+evenly spaced and in sync with their clock; a video of duration D gives about D * fps frames.
+Geometry: ffmpeg's autorotate applies the display matrix, then one bilinear `scale` goes straight
+to the size computed here (SAR made square, shorter side `short_side`), converting to rgb24.
+Segments: for any 0 <= a < b, iter_frames(start=a, end=b) gives exactly frames[a:b] of the full
+decode, bit for bit. Timestamps stay on the source clock (`-copyts`), the input seeks (to the
+keyframe before) a margin ahead of a, `fps` resamples on that absolute clock and `trim` keeps
+ticks a..b-1. Flow callers ask for [a, b+1) to overlap segments by one frame. A range past the end
+of the video yields nothing (like slicing); a decode from frame 0 that yields nothing is an error.
+Memory: stdout is read chunk_frames frames at a time, never the whole video.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+
+from pipeline import conventions
+from pipeline.errors import ConfigError, DecodeError
+from pipeline.probe import VideoInfo, ffmpeg_exe, probe
+
+log = logging.getLogger(__name__)
+
+SEEK_MARGIN_S = 1.0  # seek this far before the first wanted frame: covers the look-back of `fps`
+SEGMENT_SLACK_FRAMES = 3  # no segment border this close to the estimated end (durations are approximate)
+_STDERR_TAIL_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How frames come out of decode (the job copies --fps and --short-side into it)."""
+
+    fps: float = conventions.FPS  # output frames per second, constant
+    short_side: int = conventions.SHORT_SIDE  # shorter output side in px; 0 keeps the (square-pixel, rotated) size
+    chunk_frames: int = 32  # frames per yielded chunk: bounds memory
+    segment_frames: int = 1500  # output frames per segment of a long video (60 s at 25 fps)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ConfigError(f"fps must be a positive number, got {self.fps}")
+        if self.short_side < 0:
+            raise ConfigError(f"short_side must be >= 0 (0 keeps the size), got {self.short_side}")
+        if self.chunk_frames < 1:
+            raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.segment_frames < 1:
+            raise ConfigError(f"segment_frames must be >= 1, got {self.segment_frames}")
+
+    @property
+    def rate(self) -> Fraction:
+        """The output rate as the fraction ffmpeg gets (29.97 -> 30000/1001)."""
+        return Fraction(self.fps).limit_denominator(1001)
+
+
+def output_size(info: VideoInfo, cfg: DecodeConfig) -> tuple[int, int]:
+    """(height, width) of the output frames: display size (square pixels, rotated), then the shorter
+    side scaled to cfg.short_side with the aspect kept (rounded to the nearest pixel)."""
+    w, h = info.display_size()
+    s = cfg.short_side
+    if s == 0:
+        return h, w
+    if w <= h:
+        return max(1, int(h * s / w + 0.5)), s
+    return s, max(1, int(w * s / h + 0.5))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output frames [start, end) of one video, decoded by one worker; end None = to the end."""
+
+    index: int
+    start: int
+    end: int | None
+
+
+def plan_segments(info: VideoInfo, cfg: DecodeConfig) -> list[Segment]:
+    """Split a video into segments of cfg.segment_frames output frames, the last one open-ended.
+
+    The frame count is estimated from the container duration, which may be off (it is the longest
+    stream's), so no border is placed within SEGMENT_SLACK_FRAMES of the estimated end; the last
+    segment may thus be a little longer. One segment when the duration is unknown (raw streams).
+    """
+    if info.duration is None:
+        return [Segment(0, 0, None)]
+    estimate = int(info.duration * cfg.fps + 0.5)
+    borders = list(range(cfg.segment_frames, estimate - SEGMENT_SLACK_FRAMES, cfg.segment_frames))
+    starts = [0, *borders]
+    ends: list[int | None] = [*borders, None]
+    return [Segment(i, a, b) for i, (a, b) in enumerate(zip(starts, ends))]
+
+
+@dataclass
+class FrameChunk:
+    """frames[i] (uint8 (t, H, W, 3) RGB) is output frame start+i, at time (start+i)/fps."""
+
+    start: int
+    frames: np.ndarray
+
+
+def seek_seconds(info: VideoInfo, cfg: DecodeConfig, start: int) -> float:
+    """Input seek position (seconds from the file's start) for a decode from output frame `start`,
+    0 for none. Raw streams without a duration are not seekable by time: they decode from 0."""
+    if start <= 0 or info.duration is None:
+        return 0.0
+    return max(0.0, start / cfg.fps - max(SEEK_MARGIN_S, 2.0 / (info.fps or cfg.fps)))
+
+
+def build_command(info: VideoInfo, cfg: DecodeConfig, start: int = 0, end: int | None = None) -> list[str]:
+    """The ffmpeg argument list (via ffmpeg-python) that writes output frames [start, end) as raw
+    rgb24 to stdout."""
+    if start < 0 or (end is not None and end <= start):
+        raise ConfigError(f"bad frame range [{start}, {end}) for {info.path}")
+    height, width = output_size(info, cfg)
+    ss = seek_seconds(info, cfg, start)
+    in_kwargs: dict = {"copyts": None}  # keep source timestamps: frame numbers stay absolute when seeking
+    if ss > 0:
+        in_kwargs.update(ss=f"{ss:.6f}", noaccurate_seek=None)
+    stream = ffmpeg.input(info.path, **in_kwargs)[str(info.stream_index)]
+    if info.start_time:  # put the video's first pts at 0 (in input time-base ticks, rounded)
+        stream = stream.filter("setpts", f"PTS-round({info.start_time!r}/TB)")
+    rate = cfg.rate
+    # start_time pins tick 0 to the stream start even when the first decoded frame comes later
+    # (it is repeated back to 0). After a seek it is the whole second before the seek point: the
+    # offset is then exact in every time base, so ticks round exactly as in a decode from 0.
+    stream = stream.filter("fps", fps=f"{rate.numerator}/{rate.denominator}", start_time=int(ss))
+    if start > 0 or end is not None:  # after `fps` the time base is 1/fps: pts == output frame number
+        trim = {"start_pts": start} if start > 0 else {}
+        if end is not None:
+            trim["end_pts"] = end
+        stream = stream.filter("trim", **trim)
+    stream = stream.filter("scale", width, height, flags="bilinear").filter("format", "rgb24")
+    out_kwargs: dict = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
+    if end is not None:
+        out_kwargs["frames:v"] = end - start
+    out = ffmpeg.output(stream, "pipe:", **out_kwargs)
+    # global options go first: ffmpeg ignores options after the last output file
+    return out.compile(cmd=[ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error"])
+
+
+def iter_frames(
+    path: str | Path,
+    cfg: DecodeConfig,
+    info: VideoInfo | None = None,
+    start: int = 0,
+    end: int | None = None,
+) -> Iterator[FrameChunk]:
+    """Decode output frames [start, end) of `path` (see the module docstring for the contract).
+
+    ffmpeg runs in a subprocess (argument list, no shell) so a crashing decoder cannot take the
+    worker down; it is killed when the generator is closed early. Raises DecodeError naming the
+    file: ffmpeg failing (with its last stderr line), a decode from frame 0 giving no frames, a
+    truncated file. An error can come after some chunks were yielded: callers discard partial output.
+    """
+    path = str(path)
+    if info is None:
+        info = probe(path)
+    cmd = build_command(info, cfg, start, end)
+    height, width = output_size(info, cfg)
+    frame_bytes = height * width * 3
+    wanted = None if end is None else end - start
+    log.debug("decoding %s frames [%d, %s): %s", path, start, end, cmd)
+
+    with tempfile.TemporaryFile() as errf:  # a file, not a pipe: ffmpeg can never block on stderr
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, bufsize=0)
+        except OSError as e:
+            raise DecodeError(f"{path}: cannot run ffmpeg ({cmd[0]}): {e.strerror or e}") from e
+        done = 0
+        try:
+            while wanted is None or done < wanted:
+                n = cfg.chunk_frames if wanted is None else min(cfg.chunk_frames, wanted - done)
+                buf = np.empty((n, height, width, 3), np.uint8)
+                got = _read_into(proc.stdout, memoryview(buf).cast("B"))
+                if got % frame_bytes:
+                    proc.wait()
+                    raise DecodeError(f"{path}: ffmpeg output ended inside a frame ({_stderr_tail(errf)})")
+                k = got // frame_bytes
+                if k:
+                    yield FrameChunk(start + done, buf[:k])
+                    done += k
+                if k < n:
+                    break
+            if wanted is not None and done >= wanted:
+                return  # all we asked for: the finally clause stops ffmpeg
+            rc = proc.wait()
+            errors = _stderr_tail(errf)
+            if rc != 0:
+                raise DecodeError(f"{path}: ffmpeg failed (exit status {rc}): {errors or 'no message'}")
+            if done == 0 and start == 0:
+                raise DecodeError(f"{path}: no video frames could be decoded ({errors or 'stream is empty'})")
+            if "partial file" in errors:
+                raise DecodeError(f"{path}: truncated file, decoding stopped after {done} frames ({errors})")
+            if errors:
+                log.warning("%s: ffmpeg reported errors while decoding (kept %d frames): %s", path, done, errors)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
+def _read_into(stream, view: memoryview) -> int:
+    """Fill `view` from an unbuffered pipe; fewer bytes only at end of stream."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _stderr_tail(errf) -> str:
+    """The last non-empty line of ffmpeg's stderr, without its `[tag @ 0x..]` prefixes."""
+    errf.flush()
+    size = os.fstat(errf.fileno()).st_size
+    errf.seek(max(0, size - _STDERR_TAIL_BYTES))
+    lines = [ln.strip() for ln in errf.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    partial = next((ln for ln in lines if "partial file" in ln), None)
+    last = lines[-1]
+    while last.startswith("[") and "] " in last:
+        last = last.split("] ", 1)[1]
+    return f"{last}; {partial}" if partial and partial != lines[-1] else last
