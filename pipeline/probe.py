@@ -167,9 +167,11 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
             current = None
 
     if video is None:
-        what = f" (only {', '.join(skipped)}, which is not video)" if skipped else ""
+        text = [c for c in skipped if c in _NOT_VIDEO_CODECS]
+        if text:
+            raise DecodeError(f"{path}: not a video (ffmpeg reads it as text for the {text[0]} decoder)")
         kind = "audio-only file" if has_audio else "no video stream"
-        raise DecodeError(f"{path}: {kind}{what}")
+        raise DecodeError(f"{path}: {kind}{' (only cover art)' if skipped else ''}")
 
     index, rest, side = video
     fields = _split_top_level(rest)
