@@ -39,6 +39,10 @@ from pipeline.probe import VideoInfo, ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
 
+# Demuxers whose seek lands on a keyframe at or before the target (sample tables, cues, idx1).
+# Others (mpegts, mpeg-ps, raw streams, ...) may land on any frame, so their videos are decoded
+# from the start in one segment: slower for long files, but never a wrong picture.
+EXACT_SEEK_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"})
 SEEK_MARGIN_S = 1.0  # seek this far before the first wanted frame: covers the look-back of `fps`
 SEGMENT_SLACK_FRAMES = 3  # no segment border this close to the estimated end (durations are approximate)
 _STDERR_TAIL_BYTES = 8192
@@ -95,9 +99,10 @@ def plan_segments(info: VideoInfo, cfg: DecodeConfig) -> list[Segment]:
 
     The frame count is estimated from the container duration, which may be off (it is the longest
     stream's), so no border is placed within SEGMENT_SLACK_FRAMES of the estimated end; the last
-    segment may thus be a little longer. One segment when the duration is unknown (raw streams).
+    segment may thus be a little longer. One segment when the duration is unknown (raw streams)
+    or the container cannot seek to keyframes (see EXACT_SEEK_CONTAINERS).
     """
-    if info.duration is None:
+    if info.duration is None or not seeks_exactly(info):
         return [Segment(0, 0, None)]
     estimate = int(info.duration * cfg.fps + 0.5)
     borders = list(range(cfg.segment_frames, estimate - SEGMENT_SLACK_FRAMES, cfg.segment_frames))
@@ -114,10 +119,15 @@ class FrameChunk:
     frames: np.ndarray
 
 
+def seeks_exactly(info: VideoInfo) -> bool:
+    """Whether an input seek in this file lands on a keyframe at or before the target."""
+    return info.container in EXACT_SEEK_CONTAINERS
+
+
 def seek_seconds(info: VideoInfo, cfg: DecodeConfig, start: int) -> float:
     """Input seek position (seconds from the file's start) for a decode from output frame `start`,
-    0 for none. Raw streams without a duration are not seekable by time: they decode from 0."""
-    if start <= 0 or info.duration is None:
+    0 for none: raw streams and containers that do not seek to keyframes decode from 0 and trim."""
+    if start <= 0 or info.duration is None or not seeks_exactly(info):
         return 0.0
     return max(0.0, start / cfg.fps - max(SEEK_MARGIN_S, 2.0 / (info.fps or cfg.fps)))
 

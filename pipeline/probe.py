@@ -69,6 +69,7 @@ class VideoInfo:
     start_time: float
     has_audio: bool
     stream_index: int = 0  # index of the chosen video stream in the file (ffmpeg `-map 0:N`)
+    container: str = ""  # ffmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "hevc"
 
     def display_size(self) -> tuple[int, int]:
         """(width, height) as displayed: width stretched by the SAR, then swapped when rotated by
@@ -136,6 +137,7 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
     if not any(line.startswith("Input #") for line in lines):
         raise DecodeError(f"{path}: ffmpeg cannot open it: {_ffmpeg_cause(lines)}")
 
+    container = next((m[1] for line in lines if (m := re.match(r"Input #0, (.+), from '", line))), "")
     duration: float | None = None
     container_start = 0.0
     for line in lines:
@@ -220,6 +222,7 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
         start_time=stream_start,
         has_audio=has_audio,
         stream_index=index,
+        container=container,
     )
 
 

@@ -206,6 +206,19 @@ def test_segments_are_bit_identical_to_a_full_decode(tmp_path):
     assert list(iter_frames(path, cfg, info=info, start=200, end=210)) == []
 
 
+def test_containers_without_keyframe_seeking_decode_from_the_start(tmp_path):
+    """mpegts seeks by timestamp to any frame (ffmpeg marks every dts as a keyframe), and its
+    clock starts at 1.4 s: such files are one segment, and a range decodes from 0 and trims."""
+    path = make_video(tmp_path / "v.ts", fps=30, duration=6.0, size=(96, 64), gop=37)
+    cfg = DecodeConfig(short_side=0, segment_frames=40)
+    info = probe(path)
+    assert info.container == "mpegts" and info.start_time > 1.0
+    assert plan_segments(info, cfg) == [Segment(0, 0, None)] and seek_seconds(info, cfg, 120) == 0
+    full = decode_all(path, cfg, info=info)
+    assert len(full) == 150 and marker_box(full[0])[0] == MARGIN
+    assert np.array_equal(decode_all(path, cfg, info=info, start=120), full[120:])
+
+
 def test_segments_of_shared_videos_with_odd_timestamps(webm_frames):
     """webm: video starts at 0.003 s; avi: the first decoded frame comes at 0.04 s."""
     webm = shared_path("videos", "big_buck_bunny_0_30_vp8.webm")
@@ -243,7 +256,7 @@ def test_plan_segments():
     from pipeline.probe import VideoInfo
 
     def info(duration):
-        return VideoInfo("x.mp4", 1, "h264", 320, 240, 1.0, 0, 25.0, duration, 0.0, False)
+        return VideoInfo("x.mp4", 1, "h264", 320, 240, 1.0, 0, 25.0, duration, 0.0, False, 0, "mov,mp4,m4a,3gp,3g2,mj2")
 
     cfg = DecodeConfig(segment_frames=300)
     assert plan_segments(info(None), cfg) == [Segment(0, 0, None)]

@@ -27,6 +27,8 @@ SHARED = {
     "decord_video_90_rot.mov": ("h264", 568, 320, 30.0, 0.1, 0.0, 90, False),
     "cars_320x240.h265": ("hevc", 320, 240, 25.0, None, 0.0, 0, False),
 }
+CONTAINERS = {"mp4": "mov,mp4,m4a,3gp,3g2,mj2", "mov": "mov,mp4,m4a,3gp,3g2,mj2", "webm": "matroska,webm",
+              "mkv": "matroska,webm", "avi": "avi", "h265": "hevc"}
 
 
 @pytest.mark.parametrize("name", sorted(SHARED))
@@ -40,6 +42,7 @@ def test_shared_videos_probe(name):
     assert info.start_time == pytest.approx(start)
     assert info.sar == 1.0 and info.size_bytes == path.stat().st_size and info.path == str(path)
     assert info.display_size() == ((h, w) if rotation % 180 else (w, h))
+    assert info.container == CONTAINERS[name.rsplit(".", 1)[1]]
     record = json.loads(json.dumps(info.to_dict()))  # JSON-able for shard attrs and the manifest
     assert record["codec"] == codec and record["rotation"] == rotation and record["width"] == w
 
