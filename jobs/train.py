@@ -1,0 +1,581 @@
+"""`quovadis train`: fine-tune one I3D stream (rgb or flow) on labelled videos, with Ray Train.
+
+The run is a Ray Train `TorchTrainer` (DDP): one worker per GPU of the cluster, or ONE worker on a
+CPU-only machine, with the same command line both ways (`--address` joins a cluster; `RUN_DIR`
+must then be a path every node sees, e.g. a shared file system).
+
+Training clips (the paper's recipe): one clip of `--clip-len` frames per video per epoch at a
+random temporal start, a random `--crop-size` square crop and a random horizontal flip (for flow
+the flip also negates the x component; `--no-flip` for classes that mirroring changes, such as
+left/right motions). Validation/evaluation: every clip of the video on a grid, centre crop, the
+clips' logits averaged per video (jobs/evaluate.py).
+
+RUN_DIR after each epoch (written by rank 0, each file atomically)::
+
+    checkpoints/epoch-NNNN.pt  model, optimiser, scheduler, epoch, RNG states, config, metrics
+                               history (the last --keep-checkpoints are kept)
+    model.pt                   the latest model + training config (models.weights.save_checkpoint):
+                               what `quovadis evaluate --rgb/--flow` takes
+    metrics.jsonl              one line per epoch (train loss/accuracy, val loss/top-1/top-5, lr, s)
+    curves.png                 loss and accuracy curves
+    config.json, report.json   the run's config; the final summary
+
+Resume (`--resume`): the newest epoch checkpoint is loaded and training goes on from the next
+epoch; metrics.jsonl is rewritten from the checkpoint's history. Every random draw is derived from
+(--seed, epoch, rank or clip index) - data order, crops, flips and dropout - so a resumed run
+ends where an uninterrupted one ends (bit for bit with --deterministic on one worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.evaluate import PRECISIONS, autocast, eval_dataset, topk_accuracy, video_logits
+from jobs.labels import LabelledVideo, load_labels
+from jobs.report import JobReport
+from jobs.runtime import init_ray, out_dir_lock
+from models.i3d import InceptionI3d
+from models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_checkpoint
+from pipeline import conventions
+from pipeline.dataset import ShardDataset
+from pipeline.errors import ConfigError, QuovadisError, WeightsError
+from pipeline.manifest import load as manifest_load
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("rgb", "flow")
+OPTIMIZERS = ("sgd", "adam")
+CHECKPOINT_DIR = "checkpoints"
+MODEL_NAME = "model.pt"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "curves.png"
+STATE_FORMAT = "quovadis-train-state"
+# Fields that may differ between a run and its --resume (how it runs, not what it computes).
+RUNTIME_FIELDS = frozenset({"address", "num_workers", "loader_workers", "keep_checkpoints", "cpus_per_worker"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one training run computes (and, in RUNTIME_FIELDS, how it runs)."""
+
+    data: str  # shard directory
+    labels: str  # labels.csv
+    stream: str  # rgb | flow
+    out: str  # RUN_DIR
+    init: str = "scratch"  # scratch | PATH (pytorch-i3d state dict or quovadis checkpoint) | inflate:2D.pt
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 0.01
+    weight_decay: float = 1e-7
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    clip_len: int = conventions.CLIP_LEN
+    crop_size: int = conventions.CROP_SIZE
+    eval_stride: int | None = None  # validation clip stride (default clip_len)
+    flip: bool = True
+    dropout: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    train_split: str = "train"
+    val_split: str = "val"
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int | None = None  # Ray Train workers; None: one per GPU of the cluster, 1 without
+    cpus_per_worker: int | None = None  # None: all free CPUs on a CPU-only cluster, loader_workers + 1 with GPUs
+    loader_workers: int = 2  # DataLoader processes per training worker
+    keep_checkpoints: int = 2
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise ConfigError(f"--stream must be rgb or flow, got {self.stream!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "clip_len", "crop_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "cpus_per_worker", "eval_stride"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("--weight-decay must be >= 0, momentum and dropout in [0, 1)")
+        if self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be >= 0, got {self.loader_workers}")
+        if not (self.init == "scratch" or self.init.startswith("inflate:") or os.path.isfile(self.init)):
+            raise ConfigError(f"--init must be scratch, inflate:2D.pt or a weights file; {self.init!r} does not exist")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- model, data, RNG ---------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
+    """The I3D to fine-tune, with a fresh `num_classes` classifier unless the init already has it."""
+    channels = IN_CHANNELS[cfg.stream]
+    if cfg.init == "scratch":
+        return InceptionI3d(num_classes=num_classes, in_channels=channels, dropout=cfg.dropout)
+    if cfg.init.startswith("inflate:"):
+        from models.googlenet import read_googlenet
+        from models.inflate import i3d_from_googlenet
+
+        state = i3d_from_googlenet(read_googlenet(cfg.init[len("inflate:"):]), in_channels=channels)
+        model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0], in_channels=channels, dropout=cfg.dropout)
+        model.load_state_dict(state, strict=True)
+    else:
+        try:
+            model, _ = load_checkpoint(cfg.init)  # a quovadis checkpoint (e.g. an earlier fine-tune)
+        except WeightsError:
+            state = read_state_dict(cfg.init)  # a pytorch-i3d layout state dict (rgb_imagenet.pt, ...)
+            logits = state.get("logits.conv3d.weight")
+            classes = logits.shape[0] if logits is not None and logits.ndim == 5 else 400
+            model = InceptionI3d(num_classes=classes, in_channels=channels, dropout=cfg.dropout)
+            from models.weights import load_weights
+
+            load_weights(model, state)
+        if not isinstance(model, InceptionI3d) or model.in_channels != channels:
+            raise WeightsError(f"--init {cfg.init}: not a {cfg.stream} I3D ({channels} input channels)")
+        loaded, model = model, InceptionI3d(num_classes=model.num_classes, in_channels=channels, dropout=cfg.dropout)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+    if model.num_classes != num_classes:
+        model.replace_logits(num_classes)
+    return model
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, ...), stable across runs and processes."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process's RNG states, in types torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's item indices for `epoch`: a seeded permutation, padded to a multiple of `world`
+    (repeating its head) and dealt round-robin, so every rank takes the same number of steps."""
+    order = np.random.default_rng(_seed(seed, epoch)).permutation(n).tolist()
+    order += order[: (-len(order)) % world]
+    return order[rank::world]
+
+
+def train_dataset(cfg: TrainConfig, videos: list[LabelledVideo]) -> ShardDataset:
+    """One clip per video: random start, random crop, random flip (flow x negated when flipped)."""
+    return ShardDataset(
+        cfg.data, clip_len=cfg.clip_len, streams=(cfg.stream,), crop="random", crop_size=cfg.crop_size,
+        flip=cfg.flip, temporal="random", videos=[v.input for v in videos], seed=cfg.seed,
+    )  # fmt: skip
+
+
+# -- checkpoints, metrics, plot -----------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("epoch-*.pt"))
+    return found[-1] if found else None
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read training checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise WeightsError(f"{path} is not a quovadis training checkpoint")
+    return state
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    path = run_dir / METRICS_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, *, size: tuple[int, int] = (900, 360)) -> Path:
+    """A PNG with two panels, loss and accuracy per epoch (train and val), drawn with OpenCV."""
+    width, height = size
+    img = np.full((height, width, 3), 255, np.uint8)
+    panels = [
+        ("loss", [("train_loss", (200, 90, 30)), ("val_loss", (40, 40, 220))]),
+        ("accuracy", [("train_acc", (200, 90, 30)), ("val_top1", (40, 40, 220))]),
+    ]
+    epochs = [m["epoch"] for m in history]
+    pw = width // len(panels)
+    for i, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = i * pw + 55, 30, (i + 1) * pw - 15, height - 40
+        values = [m[k] for k, _ in series for m in history if isinstance(m.get(k), float) and math.isfinite(m[k])]
+        lo, hi = (0.0, 1.0) if title == "accuracy" else (0.0, max(values, default=1.0) * 1.05 or 1.0)
+        cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
+        cv2.putText(img, title, (x0, y0 - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        for frac in (0.0, 0.5, 1.0):
+            y = int(y1 - frac * (y1 - y0))
+            cv2.putText(img, f"{lo + frac * (hi - lo):.2f}", (x0 - 50, y + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        first, last = (epochs[0], epochs[-1]) if epochs else (1, 1)
+        span = max(last - first, 1)
+        for e in (first, last):
+            x = int(x0 + (e - first) / span * (x1 - x0))
+            cv2.putText(img, str(e), (x - 4, y1 + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, "epoch", ((x0 + x1) // 2 - 20, y1 + 32), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for j, (key, colour) in enumerate(series):
+            pts = [
+                (int(x0 + (m["epoch"] - first) / span * (x1 - x0)), int(y1 - (m[key] - lo) / (hi - lo) * (y1 - y0)))
+                for m in history
+                if isinstance(m.get(key), float) and math.isfinite(m[key])
+            ]
+            if len(pts) > 1:
+                cv2.polylines(img, [np.array(pts, np.int32)], False, colour, 2, cv2.LINE_AA)
+            for p in pts:
+                cv2.circle(img, p, 3, colour, -1, cv2.LINE_AA)
+            cv2.putText(img, key, (x1 - 90, y0 + 18 + 16 * j), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    if not cv2.imwrite(str(tmp), img):
+        raise QuovadisError(f"cannot write plot {path}")
+    os.replace(tmp, path)
+    return path
+
+
+def model_config(cfg: TrainConfig, classes: tuple[str, ...], epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint carries so `evaluate` needs no repeated flags."""
+    return {
+        "stream": cfg.stream,
+        "clip_len": cfg.clip_len,
+        "crop_size": cfg.crop_size,
+        "eval_stride": cfg.eval_stride or cfg.clip_len,
+        "classes": list(classes),
+        "epoch": epoch,
+        "metrics": metrics,
+        "train_config": cfg.to_dict(),
+    }
+
+
+# -- the per-worker loop ------------------------------------------------------------------------
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker (rank 0 writes RUN_DIR). Plain function, no Ray objects in."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["cfg"])
+    classes: tuple[str, ...] = tuple(config["classes"])
+    train_videos = [LabelledVideo(**v) for v in config["train"]]
+    val_videos = [LabelledVideo(**v) for v in config["val"]]
+    run_dir = Path(cfg.out)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(int(config["threads"]))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(_seed(cfg.seed, -1, rank))  # model initialisation: same on every rank
+
+    label_of = {v.input: v.label for v in train_videos}
+    model = build_model(cfg, len(classes)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    resume_from = config.get("resume_from")
+    if resume_from:
+        state = load_state(Path(resume_from))
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        if rank == 0:
+            set_rng_state(state["rng"])
+        log.info("resumed from %s after epoch %d", resume_from, start_epoch)
+    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1, else the model itself
+
+    train_ds = train_dataset(cfg, train_videos)
+    val_ds = (
+        eval_dataset(cfg.data, val_videos, stream=cfg.stream, clip_len=cfg.clip_len, crop_size=cfg.crop_size,
+                     stride=cfg.eval_stride)  # fmt: skip
+        if val_videos and rank == 0
+        else None
+    )
+    val_truth = {v.input: v.label for v in val_videos}
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.monotonic()
+        torch.manual_seed(_seed(cfg.seed, epoch, rank))  # dropout of this epoch
+        train_ds.set_epoch(epoch)
+        order = epoch_order(len(train_ds), seed=cfg.seed, epoch=epoch, rank=rank, world=world)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train_ds, order), batch_size=cfg.batch_size, shuffle=False,
+            num_workers=cfg.loader_workers, pin_memory=device.type == "cuda", drop_last=False,
+        )  # fmt: skip
+        model.train()
+        loss_sum, correct, seen = torch.zeros((), dtype=torch.float64), 0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for batch in loader:
+            x = batch[cfg.stream].to(device, non_blocking=True)  # (N, C, T, h, w)
+            y = torch.tensor([label_of[v] for v in batch["video"]], device=device)
+            with autocast(device, cfg.precision):
+                logits = ddp_model(x)  # (N, classes)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().double().cpu() * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+        scheduler.step()
+        totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]),
+            "train_clips": int(totals[2]),
+        }
+        if rank == 0:
+            if val_ds is not None:
+                logits_of = video_logits(model, val_ds, stream=cfg.stream, batch_size=cfg.batch_size,
+                                         device=device, precision=cfg.precision)  # fmt: skip
+                names = sorted(logits_of)
+                vl = torch.from_numpy(np.stack([logits_of[v] for v in names]))
+                vy = torch.tensor([val_truth[v] for v in names])
+                metrics["val_loss"] = float(F.cross_entropy(vl, vy))
+                metrics["val_top1"] = topk_accuracy(vl.numpy(), vy.numpy(), 1)
+                metrics["val_top5"] = topk_accuracy(vl.numpy(), vy.numpy(), 5)
+                metrics["val_videos"] = len(names)
+            metrics["seconds"] = time.monotonic() - started
+            history.append(metrics)
+            _save_epoch(run_dir, cfg, classes, model, optimizer, scheduler, scaler, epoch, history)
+            log.info("epoch %d/%d %s", epoch, cfg.epochs, json.dumps(metrics, sort_keys=True))
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+
+
+def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: InceptionI3d, optimizer,
+                scheduler, scaler, epoch: int, history: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Checkpoint first (the resume point), then model.pt, metrics.jsonl and the plot."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": STATE_FORMAT,
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "history": history,
+        "config": model_config(cfg, classes, epoch, history[-1]),
+    }
+    _atomic_save(state, checkpoint_path(run_dir, epoch))
+    for old in sorted(ckpt_dir.glob("epoch-*.pt"))[: -cfg.keep_checkpoints]:
+        old.unlink()
+    save_checkpoint(run_dir / MODEL_NAME, model, model_config(cfg, classes, epoch, history[-1]))
+    write_metrics(run_dir, history)
+    plot_curves(history, run_dir / PLOT_NAME)
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+def _check_streams(cfg: TrainConfig, videos: list[LabelledVideo]) -> None:
+    entries = manifest_load(Path(cfg.data))
+    lacking = [v.input for v in videos if cfg.stream not in entries[v.input].info.get("streams", ["rgb"])]
+    if lacking:
+        raise ConfigError(
+            f"{len(lacking)} labelled videos have no {cfg.stream} stored in {cfg.data} "
+            f"(preprocess with --streams rgb,flow): {lacking[:5]}"
+        )
+
+
+def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
+    run_dir = Path(cfg.out)
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        if resume:
+            log.info("%s has no checkpoint yet; starting from epoch 1", run_dir)
+        return None
+    if not resume:
+        raise ConfigError(f"{run_dir} already holds a training run ({latest.name}); pass --resume or another --out")
+    saved = load_state(latest)["config"]["train_config"]
+    differ = {
+        k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and saved.get(k) != v
+    }
+    if differ:
+        raise ConfigError(f"--resume with settings that differ from the run in {run_dir} (was, now): {differ}")
+    return latest
+
+
+def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int]:
+    """(workers, use_gpu, resources per worker, torch threads per worker) for the connected cluster."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        workers = cfg.num_workers or gpus
+        cpus = cfg.cpus_per_worker or cfg.loader_workers + 1
+        return workers, True, {"CPU": cpus, "GPU": 1}, cpus
+    workers = cfg.num_workers or 1
+    free = int(ray.available_resources().get("CPU", 1))
+    cpus = cfg.cpus_per_worker or max(1, free // workers)
+    return workers, False, {"CPU": cpus}, cpus
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
+    """Run (or resume) a training run; returns the report also written to RUN_DIR/report.json."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    report = JobReport(job="train", config=cfg.to_dict())
+    run_dir = Path(cfg.out).resolve()
+    cfg = dataclasses.replace(cfg, out=str(run_dir), data=str(Path(cfg.data).resolve()))
+    labels = load_labels(cfg.labels, cfg.data)
+    if labels.splits:
+        train_videos, val_videos = labels.split(cfg.train_split), labels.split(cfg.val_split)
+    else:
+        train_videos, val_videos = list(labels.videos), []
+        log.warning("%s has no split column: training on every video, no validation", cfg.labels)
+    if not train_videos:
+        raise ConfigError(f"{cfg.labels} has no videos in split {cfg.train_split!r} (splits: {list(labels.splits)})")
+    _check_streams(cfg, train_videos + val_videos)
+
+    with out_dir_lock(run_dir):
+        resume_from = _resume_point(cfg, resume)
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "classes": list(labels.classes)}, indent=2) + "\n")
+        init_ray(cfg.address)
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        workers, use_gpu, resources, threads = _scaling(cfg)
+        log.info("training %s I3D on %d videos (%d val, %d classes) with %d Ray Train worker(s)%s",
+                 cfg.stream, len(train_videos), len(val_videos), len(labels.classes), workers,
+                 " on GPUs" if use_gpu else " on CPU")  # fmt: skip
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "classes": list(labels.classes),
+                "train": [dataclasses.asdict(v) for v in train_videos],
+                "val": [dataclasses.asdict(v) for v in val_videos],
+                "resume_from": str(resume_from) if resume_from else None,
+                "threads": threads,
+            },
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=ray.train.RunConfig(
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                storage_path=str(run_dir / "ray"),
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception; keep its message
+            raise QuovadisError(f"training in {run_dir} failed: {e}") from e
+        history = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines() if line]
+        report.ok = [v.input for v in train_videos]
+        report.clips = sum(int(m["train_clips"]) for m in history)
+        report.extra = {"final": history[-1] if history else None, "run_dir": str(run_dir), "workers": workers}
+        report.finish()
+        report.write(run_dir)
+    log.info("trained %d epochs; final %s", len(history), json.dumps(report.extra["final"], sort_keys=True))
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
+    p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
+    p.add_argument("--stream", required=True, choices=STREAMS, help="which I3D stream to train")
+    p.add_argument("--init", default="scratch", help="scratch | PATH (I3D weights or checkpoint) | inflate:2D.pt (default scratch)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, model.pt, metrics.jsonl, curves.png")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8, help="clips per step per worker (default 8)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per epoch (default 0.01)")
+    p.add_argument("--weight-decay", type=float, default=1e-7)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN, help="frames per training clip (default 64)")
+    p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE, help="square crop in px (default 224)")
+    p.add_argument("--eval-stride", type=int, default=None, help="validation clip stride (default: clip length)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (classes that mirroring changes)")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume, slower)")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, 1 on CPU)")
+    p.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker (default 2)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="epoch checkpoints kept (default 2)")
+    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run(args: argparse.Namespace) -> JobReport:
+    return train(config_from_args(args), resume=args.resume)
