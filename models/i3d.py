@@ -38,8 +38,8 @@ FEATURE_DIM = 1024  # channels of Mixed_5c, the size of `features`
 BN_EPS = 1e-3  # TF's batch-norm epsilon
 BN_MOMENTUM = 0.01  # torch's convention for TF's decay 0.99 (pytorch-i3d uses the same)
 
-# Inception block widths: (Branch_0 1x1, Branch_1 1x1 -> 3x3x3, Branch_2 1x1 -> 3x3x3, Branch_3 pool -> 1x1)
-_MIXED: dict[str, tuple[int, int, int, int, int, int]] = {
+# Inception-v1 block widths, shared with the 2D GoogLeNet (models/googlenet.py): (Branch_0 1x1, Branch_1 1x1 -> 3x3x3, Branch_2 1x1 -> 3x3x3, Branch_3 pool -> 1x1)
+MIXED_WIDTHS: dict[str, tuple[int, int, int, int, int, int]] = {
     "Mixed_3b": (64, 96, 128, 16, 32, 32),
     "Mixed_3c": (128, 128, 192, 32, 96, 64),
     "Mixed_4b": (192, 96, 208, 16, 48, 64),
@@ -151,17 +151,17 @@ class InceptionI3d(nn.Module):
         self.Conv3d_2b_1x1 = Unit3D(64, 64)
         self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3))
         self.MaxPool3d_3a_3x3 = MaxPoolSame((1, 3, 3), (1, 2, 2))
-        self.Mixed_3b = InceptionBlock(192, _MIXED["Mixed_3b"])
-        self.Mixed_3c = InceptionBlock(self.Mixed_3b.out_channels, _MIXED["Mixed_3c"])
+        self.Mixed_3b = InceptionBlock(192, MIXED_WIDTHS["Mixed_3b"])
+        self.Mixed_3c = InceptionBlock(self.Mixed_3b.out_channels, MIXED_WIDTHS["Mixed_3c"])
         self.MaxPool3d_4a_3x3 = MaxPoolSame((3, 3, 3), (2, 2, 2))
-        self.Mixed_4b = InceptionBlock(self.Mixed_3c.out_channels, _MIXED["Mixed_4b"])
-        self.Mixed_4c = InceptionBlock(self.Mixed_4b.out_channels, _MIXED["Mixed_4c"])
-        self.Mixed_4d = InceptionBlock(self.Mixed_4c.out_channels, _MIXED["Mixed_4d"])
-        self.Mixed_4e = InceptionBlock(self.Mixed_4d.out_channels, _MIXED["Mixed_4e"])
-        self.Mixed_4f = InceptionBlock(self.Mixed_4e.out_channels, _MIXED["Mixed_4f"])
+        self.Mixed_4b = InceptionBlock(self.Mixed_3c.out_channels, MIXED_WIDTHS["Mixed_4b"])
+        self.Mixed_4c = InceptionBlock(self.Mixed_4b.out_channels, MIXED_WIDTHS["Mixed_4c"])
+        self.Mixed_4d = InceptionBlock(self.Mixed_4c.out_channels, MIXED_WIDTHS["Mixed_4d"])
+        self.Mixed_4e = InceptionBlock(self.Mixed_4d.out_channels, MIXED_WIDTHS["Mixed_4e"])
+        self.Mixed_4f = InceptionBlock(self.Mixed_4e.out_channels, MIXED_WIDTHS["Mixed_4f"])
         self.MaxPool3d_5a_2x2 = MaxPoolSame((2, 2, 2), (2, 2, 2))
-        self.Mixed_5b = InceptionBlock(self.Mixed_4f.out_channels, _MIXED["Mixed_5b"])
-        self.Mixed_5c = InceptionBlock(self.Mixed_5b.out_channels, _MIXED["Mixed_5c"])
+        self.Mixed_5b = InceptionBlock(self.Mixed_4f.out_channels, MIXED_WIDTHS["Mixed_5b"])
+        self.Mixed_5c = InceptionBlock(self.Mixed_5b.out_channels, MIXED_WIDTHS["Mixed_5c"])
         assert self.Mixed_5c.out_channels == FEATURE_DIM
         self.dropout = nn.Dropout(dropout)
         self.logits = Unit3D(FEATURE_DIM, num_classes, norm_act=False)

@@ -1,0 +1,64 @@
+"""`quovadis inflate 2D.pt --out i3d_rgb.pt`: ImageNet GoogLeNet-BN weights (torchvision layout, e.g.
+torchvision's googlenet-1378be20.pth) inflated into an I3D state dict in the pytorch-i3d layout.
+
+The output loads like the released weights: `models.weights.load_i3d("rgb", "i3d_rgb.pt")` (its
+class count, 1000 for ImageNet, is read from the file), then `replace_logits(k)` to fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from jobs.report import JobReport
+from models.googlenet import read_googlenet
+from models.inflate import INFLATE_MODES, i3d_from_googlenet
+from models.weights import sha256_of
+from pipeline.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, help="2D GoogLeNet-BN state dict (torchvision layout, .pt/.pth)")
+    p.add_argument("--out", type=Path, required=True, help="where to write the I3D state dict")
+    p.add_argument("--mode", choices=INFLATE_MODES, default="mean",
+                   help="mean: filter repeated over time and divided by t (the paper); center: all in the middle slice")
+    p.add_argument("--in-channels", type=int, default=3,
+                   help="3 for RGB; 2 for flow (first layer averaged over RGB, TSN-style)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def run(args: argparse.Namespace) -> JobReport:
+    out: Path = args.out
+    if args.in_channels < 1:
+        raise ConfigError(f"--in-channels must be >= 1, got {args.in_channels}")
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"the directory of --out, {out.parent}, does not exist")
+    report = JobReport(job="inflate", config={
+        "source": str(args.source), "out": str(out), "mode": args.mode, "in_channels": args.in_channels,
+    })
+    state_dict = i3d_from_googlenet(read_googlenet(args.source), mode=args.mode, in_channels=args.in_channels)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"cannot write {out}: {e.strerror or e}") from e
+    report.ok.append(str(args.source))
+    report.extra = {
+        "num_classes": int(state_dict["logits.conv3d.weight"].shape[0]),
+        "source_sha256": sha256_of(args.source),
+        "out_sha256": sha256_of(out),
+    }
+    report.finish()
+    log.info("inflated %s (%s) into %s: %d tensors, %d classes", args.source, args.mode, out,
+             len(state_dict), report.extra["num_classes"])
+    return report
