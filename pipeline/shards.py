@@ -22,8 +22,11 @@ Inside a shard (h5py only is needed to read it)::
               pipeline.conventions.quantize_flow (flow_dtype "uint8") or float16 pixels ("float16")
 
 Both datasets are chunked along time, `chunk_frames` frames x the whole frame per chunk, so a clip
-of L frames reads only the ceil(L / chunk_frames) (+1) chunks it touches, and compressed with
-`compression` (lzf by default: see jobs/bench_shards.py and BENCHMARKS.md for the measurement).
+of L frames reads only the chunks it touches, and compressed with `compression`. Defaults, from
+jobs/bench_shards.py on the shared videos (BENCHMARKS.md): lzf (64 % of raw size; against gzip
+level 1: 1.5x faster to read and 2.3x faster to write, at 1.2x the size) and one frame per chunk
+(255 KiB at 256x340, inside h5py's 10 KiB-1 MiB advice; as fast as 2 or 4; reads no frame outside
+the clip; segments written out of order never share a chunk, so none is compressed twice).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class ShardConfig:
 
     shard_size_bytes: int = 1 << 30  # a shard takes no new videos once its file reaches this size
     compression: str = "lzf"  # measured: jobs/bench_shards.py
-    chunk_frames: int = 4  # frames per HDF5 chunk along time; measured: jobs/bench_shards.py
+    chunk_frames: int = 1  # frames per HDF5 chunk along time; measured: jobs/bench_shards.py
     flow_dtype: str = "uint8"  # "uint8" (quantised, conventions.quantize_flow) or "float16" pixels
 
     def __post_init__(self) -> None:

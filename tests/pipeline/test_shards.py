@@ -300,7 +300,7 @@ def test_bench_measures_real_decoded_video(tmp_path):
                               "--workdir", str(tmp_path)])  # fmt: skip
     report = bench_shards.run_bench(args)
     rows = {r["compression"]: r for r in report.extra["rows"]}
-    assert report.frames == 75  # 3 s at 25 fps
+    assert report.extra["frames"] == 75  # 3 s at 25 fps
     assert report.extra["raw_bytes"] == 75 * 256 * 342 * 3  # 320x240 scaled to short side 256
     assert rows["none"]["size_ratio"] == pytest.approx(1.0, abs=0.05)
     assert rows["lzf"]["size_ratio"] < 0.9  # real frames compress
