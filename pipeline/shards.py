@@ -230,11 +230,13 @@ class ShardWriter:
         expected_frames: int | None,
         streams: tuple[str, ...],
         attrs: Mapping[str, Any],
+        fps: float = conventions.FPS,
     ) -> str:
         """Create the video's group in the current shard and return its key.
 
-        `attrs` is the probe metadata (JSON-able values); `attrs["fps"]` is the stored frame rate
-        (default conventions.FPS). `expected_frames` only pre-sizes the datasets.
+        `height`, `width`, `fps` describe the STORED frames. `attrs` is the source's probe metadata
+        (JSON-able values); its names that clash with the stored ones (width, height, fps, ...)
+        are kept with a `source_` prefix. `expected_frames` only pre-sizes the datasets.
         """
         key = video_key(source_path)
         if key in self._videos:
@@ -245,11 +247,12 @@ class ShardWriter:
         if height < 1 or width < 1:
             raise ShardError(f"{source_path}: bad frame size {height}x{width}")
         shard = self._shard_for_new_video()
-        fps = float(attrs.get("fps", conventions.FPS))
+        fps = float(fps)
+        metadata = {(f"source_{k}" if k in _RESERVED_ATTRS else k): v for k, v in attrs.items() if v is not None}
         try:
             group = shard.file.create_group(key)
-            for name, value in attrs.items():
-                if name not in _RESERVED_ATTRS and value is not None:
+            for name, value in metadata.items():
+                if name not in _RESERVED_ATTRS:
                     group.attrs[name] = _attr_value(value)
             group.attrs["source_path"] = _attr_value(str(source_path))
             group.attrs["fps"] = fps
@@ -273,7 +276,7 @@ class ShardWriter:
         except (OSError, ValueError, TypeError) as e:
             raise ShardError(f"{shard.tmp_path}: cannot create group for {source_path}: {e}") from e
         info = {
-            **_json_safe({k: v for k, v in attrs.items() if k not in _RESERVED_ATTRS}),
+            **_json_safe({k: v for k, v in metadata.items() if k not in _RESERVED_ATTRS}),
             "fps": fps,
             "height": int(height),
             "width": int(width),

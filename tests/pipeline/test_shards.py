@@ -83,8 +83,8 @@ def test_round_trip_out_of_order_interleaved_segments(tmp_path):
     a, b = frames_of(23, 1), frames_of(9, 2)
     fa = flow_of(22, 3)
     with ShardWriter(tmp_path, cfg, {"fps": 25, "note": "ünïcode"}) as w:
-        ka = begin(w, "/v/a dir/a.mp4", None, streams=("rgb", "flow"), source_fps=29.97, codec="h264",
-                   source_size=[640, 480])  # fmt: skip
+        ka = begin(w, "/v/a dir/a.mp4", None, streams=("rgb", "flow"), fps=29.97, codec="h264",
+                   width=640, height=480, size=[640, 480], duration=None)  # fmt: skip
         kb = begin(w, "/v/b.mp4", 9)
         w.write_rgb(ka, 10, a[10:21])  # segments arrive out of order, videos interleaved
         w.write_rgb(kb, 5, b[5:])
@@ -101,6 +101,7 @@ def test_round_trip_out_of_order_interleaved_segments(tmp_path):
     ea = entries["/v/a dir/a.mp4"]
     assert (ea.shard, ea.key, ea.frames) == ("shard-00000.h5", ka, 23)
     assert ea.info["codec"] == "h264" and ea.info["height"] == H and ea.info["streams"] == ["rgb", "flow"]
+    assert ea.info["source_width"] == 640 and ea.info["fps"] == conventions.FPS
 
     with open_video(tmp_path, "/v/a dir/a.mp4") as va:
         np.testing.assert_array_equal(va.rgb(), a)
@@ -109,7 +110,9 @@ def test_round_trip_out_of_order_interleaved_segments(tmp_path):
         assert stored.dtype == np.uint8 and stored.shape == (22, H, W, 2)
         np.testing.assert_array_equal(stored, conventions.quantize_flow(fa))
         np.testing.assert_allclose(va.flow_pixels(), np.clip(fa, -20, 20), atol=20 / 255 + 1e-6)
-        assert va.attrs["source_fps"] == 29.97 and json.loads(va.attrs["source_size"]) == [640, 480]
+        # probe names that clash with the stored frames' are kept as source_*
+        assert (va.attrs["source_fps"], va.attrs["source_width"], va.attrs["source_height"]) == (29.97, 640, 480)
+        assert json.loads(va.attrs["size"]) == [640, 480] and "duration" not in va.attrs
         assert (va.frames, va.fps, va.height, va.width) == (23, 25.0, H, W)
         assert va.config == {"fps": 25, "note": "ünïcode"} and va.source_path == "/v/a dir/a.mp4"
     with open_video(tmp_path, kb) as vb:  # by key as well as by input
@@ -121,7 +124,8 @@ def test_dataset_layout_chunks_compression_and_attrs(tmp_path):
     cfg = ShardConfig(compression="gzip4", chunk_frames=3, flow_dtype="float16")
     fl = flow_of(6, 5)
     with ShardWriter(tmp_path, cfg, {"job": "test"}) as w:
-        k = begin(w, "/v/a.mp4", 7, streams=("rgb", "flow"))
+        k = w.begin_video("/v/a.mp4", height=H, width=W, expected_frames=7, streams=("rgb", "flow"), attrs={},
+                          fps=12.5)  # fmt: skip  (a job run with --fps 12.5)
         w.write_rgb(k, 0, frames_of(7, 4))
         w.write_flow(k, 0, fl)
         w.end_video(k, 7)
@@ -136,7 +140,7 @@ def test_dataset_layout_chunks_compression_and_attrs(tmp_path):
         assert rgb.compression == "gzip" and rgb.compression_opts == 4 and flow.compression == "gzip"
         np.testing.assert_array_equal(flow[:], fl.astype(np.float16))
         assert g.attrs["flow_dtype"] == "float16" and bool(g.attrs["complete"])
-        assert g.attrs["frames"] == 7 and g.attrs["conventions_version"] == conventions.CONVENTIONS_VERSION
+        assert g.attrs["fps"] == 12.5 and g.attrs["frames"] == 7 and g.attrs["conventions_version"] == conventions.CONVENTIONS_VERSION
         assert json.loads(g.attrs["config"]) == {"job": "test"} and g.attrs["source_path"] == "/v/a.mp4"
 
 
