@@ -36,6 +36,8 @@ from pipeline import conventions
 from pipeline.errors import ConfigError, QuovadisError
 from pipeline.flow import FlowConfig
 from pipeline.decode import DecodeConfig, Segment
+from pipeline import manifest
+from pipeline.manifest import ManifestEntry
 from pipeline.shards import ShardConfig
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,6 @@ def run(args: argparse.Namespace) -> JobReport:
 
 def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
     """Preprocess `inputs` into cfg.out; returns the report (also written as report.json)."""
-    from pipeline import manifest
-
     out = Path(cfg.out)
     report = JobReport("preprocess", config=cfg.to_dict())
     with out_dir_lock(out):
@@ -183,12 +183,12 @@ class _Scheduler:
                     if len(video.frames) == len(video.segments) and video.error is None:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
-                self._fail(video, _reason(e))
+                self._fail(video, _reason(video.path, e))
             if was_open and (video.error is not None or len(video.frames) == len(video.segments) > 0):
                 progress.update(1)
                 rate = self.report.frames / max(time.monotonic() - started, 1e-9)
                 progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
-        self._record(ray.get(self.writer.close.remote()))
+        ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
         progress.close()
 
     def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
@@ -199,7 +199,7 @@ class _Scheduler:
         expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
         video.key = ray.get(
             self.writer.begin_video.remote(
-                video.path, height=height, width=width, expected_frames=expected,
+                video.path, height=height, width=width, expected_frames=expected, fps=self.cfg.decode.fps,
                 streams=self.cfg.streams, attrs=info.to_dict(),
             )
         )
@@ -220,36 +220,27 @@ class _Scheduler:
         counts = [video.frames[s.index] for s in video.segments]
         for seg, count in zip(video.segments[:-1], counts[:-1]):
             if seg.end is not None and count != seg.end - seg.start:
-                self._fail(video, f"stream ended at frame {seg.start + count}, before its container's duration says")
+                self._fail(video, f"{video.path}: stream ended at frame {seg.start + count}, before its container's duration")
                 return
         frames = video.segments[-1].start + counts[-1]
         self.report.frames += frames
         self.report.ok.append(video.path)
-        self._record(ray.get(self.writer.end_video.remote(video.key, frames)))
+        ray.get(self.writer.end_video.remote(video.key, frames))
 
     def _fail(self, video: _Video, reason: str) -> None:
-        from pipeline import manifest
-        from pipeline.manifest import ManifestEntry
-
         if video.error is not None:
             return
         video.error = reason
-        log.warning("%s: %s", video.path, reason)
+        log.warning("%s", reason)
         if video.key is not None:
             try:
                 ray.get(self.writer.abort_video.remote(video.key))
             except Exception as e:
-                log.warning("%s: could not drop its partial data: %s", video.path, _reason(e))
+                log.warning("could not drop the partial data of %s", _reason(video.path, e))
         self.report.failed[video.path] = reason
         if video.path in self.report.ok:
             self.report.ok.remove(video.path)
-        manifest.append(self.out, [ManifestEntry(input=video.path, status="failed", reason=reason)])
-
-    def _record(self, entries: list) -> None:
-        from pipeline import manifest
-
-        if entries:
-            manifest.append(self.out, entries)
+        manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
 
 
 class _Writer:
@@ -269,14 +260,14 @@ class _Writer:
     def write_flow(self, key: str, start: int, flow: np.ndarray) -> None:
         self.writer.write_flow(key, start, flow)
 
-    def end_video(self, key: str, frames: int) -> list:
-        return self.writer.end_video(key, frames)
+    def end_video(self, key: str, frames: int) -> None:
+        self.writer.end_video(key, frames)
 
     def abort_video(self, key: str) -> None:
         self.writer.abort_video(key)
 
-    def close(self) -> list:
-        return self.writer.close()
+    def close(self) -> None:
+        self.writer.close()
 
 
 class _FlowActor:
@@ -329,10 +320,9 @@ def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, 
     return count
 
 
-def _reason(e: Exception) -> str:
-    """One line naming the cause, from a Ray task error or our own."""
+def _reason(path: str, e: Exception) -> str:
+    """One line naming the file and the cause, from a Ray task error or our own."""
     cause = getattr(e, "cause", None) or e
-    if isinstance(cause, QuovadisError):
-        return str(cause).splitlines()[0]
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    lines = str(cause).strip().splitlines()
+    text = lines[0] if isinstance(cause, QuovadisError) and lines else f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+    return text if text.startswith(path) else f"{path}: {text}"

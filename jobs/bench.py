@@ -1,0 +1,26 @@
+"""`quovadis bench NAME`: the benchmarks behind BENCHMARKS.md. Each lives in jobs/bench_<name>.py with
+add_arguments(parser) and run_bench(args) -> int, and prints a table with the device and the command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, str] = {
+    "decode": "decode+resample+write frames/s against plain ffmpeg (the ceiling), per core",
+    "shards": "shard compression and chunking: size, write speed, random 64-frame clip reads",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, help_text in BENCHMARKS.items():
+        _module(name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def run(args: argparse.Namespace) -> int:
+    return _module(args.benchmark).run_bench(args)
+
+
+def _module(name: str):
+    return importlib.import_module(f"jobs.bench_{name}")
