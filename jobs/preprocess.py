@@ -38,7 +38,7 @@ from pipeline.flow import FlowConfig
 from pipeline.decode import DecodeConfig, Segment
 from pipeline import manifest
 from pipeline.manifest import ManifestEntry
-from pipeline.shards import ShardConfig
+from pipeline.shards import ShardConfig, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
     out = Path(cfg.out)
     report = JobReport("preprocess", config=cfg.to_dict())
     with out_dir_lock(out):
+        record_unlisted_shards(out)
         recorded = manifest.load(out)
         todo = []
         for path in inputs:

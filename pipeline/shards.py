@@ -553,6 +553,32 @@ class ShardReader:
         self.close()
 
 
+def record_unlisted_shards(out_dir: Path) -> list[ManifestEntry]:
+    """Append the `ok` lines of complete shards that the manifest does not name.
+
+    A writer killed between a shard's rename and its manifest lines leaves such a shard: recording
+    it at the next start means a re-run neither redoes its videos nor stores them twice.
+    """
+    listed = {e.shard for e in manifest_load(out_dir).values() if e.status == "ok"}
+    entries = []
+    for path in list_shards(out_dir):
+        if path.name in listed:
+            continue
+        with ShardReader(path) as reader:
+            for key in reader.keys():
+                video = reader[key]
+                info = {k: v for k, v in video.attrs.items() if k not in _RESERVED_ATTRS}
+                info.update(fps=video.fps, height=video.height, width=video.width, streams=list(video.streams))
+                entries.append(
+                    ManifestEntry(input=video.source_path, status="ok", shard=path.name, key=key,
+                                  frames=video.frames, info=_json_safe(info))
+                )  # fmt: skip
+        log.warning("%s was complete but not in the manifest (interrupted run): recorded it", path)
+    if entries:
+        manifest_append(out_dir, entries)
+    return entries
+
+
 def find_entry(shard_dir: Path, entry_or_key: ManifestEntry | str) -> ManifestEntry:
     """The `ok` manifest entry for a ManifestEntry, a video key, or an input path."""
     if isinstance(entry_or_key, ManifestEntry):

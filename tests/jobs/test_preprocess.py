@@ -224,3 +224,18 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
             groups += [(shard.name, k) for k in f.keys()]
     entries = {(e.shard, e.key) for e in manifest.load(out).values() if e.status == "ok"}
     assert sorted(groups) == sorted(entries)
+
+
+def test_shard_renamed_but_not_in_manifest_is_recorded_not_redone(ray_session, tmp_path, small_videos):
+    out = tmp_path / "out"
+    inputs = [str(p) for p in small_videos]
+    for path in inputs:  # one shard per video
+        preprocess([path], _cfg(out))
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and len(list(out.glob("shard-*.h5"))) == 3
+    (out / "manifest.jsonl").write_text("\n".join(lines[:1]) + "\n")  # killed right after two renames
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
+    report = preprocess(inputs, _cfg(out))
+    assert report.ok == [] and sorted(report.skipped) == sorted(inputs)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")} == shards
+    assert set(_read_all(out)) == set(inputs)
