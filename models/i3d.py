@@ -89,14 +89,15 @@ class Unit3D(nn.Module):
         self.conv3d = nn.Conv3d(in_channels, out_channels, kernel, stride, bias=not norm_act)
         self.dynamic_pad = use_same_padding(self.conv3d)
         self.bn = nn.BatchNorm3d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM) if norm_act else None
+        self.relu = norm_act  # stays on when `models.fast.fold_batchnorm` removes `bn`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_pad:
             x = pad_same(x, self.conv3d.kernel_size, self.conv3d.stride)
         x = self.conv3d(x)
         if self.bn is not None:
-            x = F.relu(self.bn(x), inplace=True)
-        return x
+            x = self.bn(x)
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class InceptionBlock(nn.Module):

@@ -153,15 +153,17 @@ def test_two_stream_sums_logits_and_concatenates_features(small_model):
     rgb = torch.rand(2, 3, 9, 32, 32) * 2 - 1
     flow = torch.rand(2, 2, 9, 32, 32) * 2 - 1
     with torch.inference_mode():
+        rgb_features, rgb_logits = small_model.features_and_logits(rgb)
+        flow_features, flow_logits = flow_model.features_and_logits(flow)
         features, logits = both.features_and_logits(rgb, flow)
-        torch.testing.assert_close(logits, small_model(rgb) + flow_model(flow))
-        torch.testing.assert_close(features, torch.cat([small_model.features(rgb), flow_model.features(flow)], 1))
+        torch.testing.assert_close(logits, rgb_logits + flow_logits)
+        torch.testing.assert_close(features, torch.cat([rgb_features, flow_features], 1))
         assert features.shape == (2, 2 * FEATURE_DIM)
         torch.testing.assert_close(both(rgb, flow), logits)
         torch.testing.assert_close(both.features(rgb, flow), features)
         # either stream alone
-        torch.testing.assert_close(both(flow=flow), flow_model(flow))
-        torch.testing.assert_close(TwoStreamI3D(small_model, None).features(rgb), small_model.features(rgb))
+        torch.testing.assert_close(both(flow=flow), flow_logits)
+        torch.testing.assert_close(TwoStreamI3D(small_model, None).features(rgb), rgb_features)
     with pytest.raises(ValueError, match="no flow model"):
         TwoStreamI3D(small_model, None)(rgb, flow)
     with pytest.raises(ValueError, match="same batch size"):
