@@ -5,6 +5,8 @@ each variant's max abs / min cosine difference of features to that baseline on t
 Peak memory: torch.cuda.max_memory_allocated on CUDA (tensors only); on the CPU the peak resident
 set size (getrusage ru_maxrss) of a fresh process per measurement, so it includes Python, torch
 and the weights (~0.5 GiB), not only activations.
+On CUDA the baseline keeps PyTorch's default torch.backends.cudnn.allow_tf32 = True (TF32 float32
+convolutions), as pytorch-i3d gets when run today.
 Weights are random (BatchNorm statistics included) unless --weights is given: speed does not
 depend on them, and the feature differences are of the same kind.
 """

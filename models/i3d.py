@@ -20,7 +20,6 @@ time steps (kinetics-i3d's `averaged_logits`). Deviations, both invisible at 224
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +29,6 @@ from torch import nn
 from models.padding import MaxPoolSame, pad_same, use_same_padding
 from pipeline.conventions import clip_frame_indices
 from pipeline.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MIN_FRAMES = 9  # the shortest clip the reference accepts: 9 -> 5 -> 3 -> 2 time steps at Mixed_5c
 FEATURE_DIM = 1024  # channels of Mixed_5c, the size of `features`
@@ -209,7 +206,7 @@ class InceptionI3d(nn.Module):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Mixed_5c activations -> per-time features (N, 1024, t): AvgPool3d (2, 7, 7) stride 1 at
-        224x224 (the whole spatial map at other sizes), t = T/8 - 1."""
+        224x224 (the whole spatial map at other sizes), t = ceil(T'/8) - 1."""
         x = F.avg_pool3d(x, kernel_size=(2, x.shape[3], x.shape[4]), stride=1)  # (N, 1024, 7, 1, 1)
         return x.flatten(2)  # (N, 1024, 7)
 
