@@ -66,7 +66,7 @@ CROPS = ("center", "full")
 SHARDS_DIR = "shards"
 MODEL_NAME = "i3d-inception-v1"  # models.i3d.InceptionI3d, the kinetics-i3d network
 _POLL_S = 0.2  # how often the driver looks for new shards while waiting
-_BATCHES_PER_ACTOR = 2  # in flight per predictor actor: one running, one loaded and waiting
+_BATCHES_PER_ACTOR = 2  # in flight per CPU predictor actor: one running, one loaded and waiting (x2 on a GPU)
 
 
 @dataclass(frozen=True)
@@ -214,6 +214,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     with out_dir_lock(out):
         features.remove_leftovers(out)
         recorded = features.load_index(out)
+        features.remove_orphans(out, recorded)
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
         todo = []
@@ -306,8 +307,9 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
     if "error" in result:
         raise result["error"]
     stage.drain()
+    todo_set = set(todo)
     for path, reason in result["report"].failed.items():
-        if path in wanted.values():
+        if path in todo_set:
             stage.fail_input(path, reason)
     for path in todo:  # a safety net: every input ends ok or failed
         if path not in report.ok and path not in report.failed:
@@ -445,6 +447,7 @@ class _FeatureStage:
             raise QuovadisError(f"the I3D predictor could not start: {_reason(e)}") from e
         self.in_flight: dict[Any, tuple[int, list[_ClipRequest]]] = {}
         self.per_actor = [0] * n
+        self.max_per_actor = _BATCHES_PER_ACTOR * (2 if gpus > 0 else 1)  # a GPU drains faster than loaders fill
         self.queues: OrderedDict[tuple, deque[_ClipRequest]] = OrderedDict()  # batch kind -> clips
         self.clips: dict[int, _VideoJob] = {}
         self.clip_index: dict[int, int] = {}
@@ -527,7 +530,7 @@ class _FeatureStage:
 
     def _submit(self) -> None:
         for a in sorted(range(len(self.actors)), key=lambda i: self.per_actor[i]):
-            while self.per_actor[a] < _BATCHES_PER_ACTOR:
+            while self.per_actor[a] < self.max_per_actor:
                 batch = self._next_batch(full_only=self.per_actor[a] > 0)
                 if not batch:
                     break

@@ -206,6 +206,16 @@ def remove_leftovers(out_dir: Path) -> None:
         leftover.unlink()
 
 
+def remove_orphans(out_dir: Path, index: Mapping[str, IndexEntry]) -> None:
+    """Delete complete `features-NNNNN.h5` files no `ok` index line points at: a crash between the
+    rename and the index append left them; their videos are not done and will be written again."""
+    named = {e.file for e in index.values() if e.status == "ok"}
+    for path in Path(out_dir).iterdir():
+        if FEATURE_PATTERN.match(path.name) and path.name not in named:
+            log.warning("removing %s: no index line points at it (interrupted run)", path)
+            path.unlink()
+
+
 def next_feature_index(out_dir: Path) -> int:
     found = [int(m.group(1)) for p in Path(out_dir).iterdir() if (m := FEATURE_PATTERN.match(p.name))]
     return max(found, default=-1) + 1

@@ -22,6 +22,7 @@ from pipeline.features import (
     npy_paths,
     read_video,
     remove_leftovers,
+    remove_orphans,
     write_hdf5,
     write_npy,
 )
@@ -126,3 +127,13 @@ def test_feature_dataset_and_collate(tmp_path, fmt):
     assert len(only_rgb) == 3 and only_rgb[1]["features"].shape == (1, 1024)
     with pytest.raises(ConfigError):
         FeatureDataset(tmp_path, streams=("depth",))
+
+
+def test_a_features_file_without_index_lines_is_removed(tmp_path):
+    """A crash between the rename and the index append leaves a complete file nobody points at."""
+    write_hdf5(tmp_path, [_video("/a.mp4", 20)])
+    lines = (tmp_path / "index.jsonl").read_text()
+    write_hdf5(tmp_path, [_video("/b.mp4", 20)])
+    (tmp_path / "index.jsonl").write_text(lines)  # as if killed before the second append
+    remove_orphans(tmp_path, load_index(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("features-*.h5")) == ["features-00000.h5"]
