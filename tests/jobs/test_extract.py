@@ -207,6 +207,29 @@ def test_rerun_skips_done_and_never_rewrites(rgb_run):
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("features-*.h5")} == before
 
 
+def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path):
+    """The kept shards as input: nothing is decoded; --crop full feeds whole frames of different
+    sizes (batched per size), spatially pooled by the model."""
+    out = tmp_path / "from_shards"
+    args = ["extract", str(rgb_run["out"] / "shards"), "--out", str(out), "--streams", "rgb", "--clip-len", "16",
+            "--stride", "20", "--crop", "full", "--weights-rgb", _weights("rgb")]  # fmt: skip
+    assert main(args) == EXIT_OK
+    assert not (out / "shards").exists()  # no preprocess ran
+    got = _all_features(out)
+    assert set(got) == set(rgb_run["videos"])
+    model = load_i3d("rgb", _weights("rgb"))
+    ds = ShardDataset(rgb_run["out"] / "shards", clip_len=16, stride=20, crop="full")
+    rows: dict[str, int] = {}
+    sizes = set()
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            sizes.add(tuple(item["rgb"].shape[2:]))
+            row = rows[item["video"]] = rows.get(item["video"], -1) + 1
+            _close(got[item["video"]]["rgb"][row], model.features(item["rgb"][None])[0].numpy())
+    assert len(sizes) >= 2
+
+
 # -- two streams, npy ---------------------------------------------------------------------------------------
 
 
