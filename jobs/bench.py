@@ -9,6 +9,7 @@ import importlib
 BENCHMARKS: dict[str, str] = {
     "decode": "decode+resample+write frames/s against plain ffmpeg (the ceiling), per core",
     "shards": "shard compression and chunking: size, write speed, random 64-frame clip reads",
+    "i3d": "I3D clips/s and peak memory per batch size: eager fp32 (pytorch-i3d style) against our fast path",
 }
 
 
