@@ -127,6 +127,14 @@ class _Index:
         return None, f"{name!r}"
 
 
+def _names(path: str, bases: Sequence[Path]) -> set[str]:
+    """The names a labels.csv row may use for `path` (used to explain why a row did not match)."""
+    base = os.path.basename(path)
+    names = {path, base, os.path.splitext(base)[0]}
+    names |= {os.path.relpath(path, b) for b in bases}
+    return names
+
+
 def load_labels(
     csv_path: str | os.PathLike[str],
     shard_dir: str | os.PathLike[str],
@@ -156,7 +164,7 @@ def load_labels(
     for video, label, split, number in rows:
         entry, why = index.find(video, bases)
         if entry is None:
-            failed_reason = failed.get(video) or failed.get(os.path.abspath(os.path.join(bases[0], video)))
+            failed_reason = next((reason for path, reason in failed.items() if video in _names(path, bases)), None)
             if failed_reason:
                 why = f"{why} (preprocess failed: {failed_reason})"
             unmatched.append(f"line {number}: {why}")

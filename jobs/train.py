@@ -94,6 +94,7 @@ class TrainConfig:
     val_split: str = "val"
     seed: int = 0
     deterministic: bool = False
+    precise_bn: bool = False  # recompute BN statistics on the epoch's clips before validating/saving
     num_workers: int | None = None  # Ray Train workers; None: one per GPU of the cluster, 1 without
     cpus_per_worker: int | None = None  # None: all free CPUs on a CPU-only cluster, loader_workers + 1 with GPUs
     loader_workers: int = 2  # DataLoader processes per training worker
@@ -297,6 +298,37 @@ def model_config(cfg: TrainConfig, classes: tuple[str, ...], epoch: int, metrics
     }
 
 
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, loader, *, stream: str, device: torch.device, precision: str,
+                   world: int = 1) -> None:  # fmt: skip
+    """"Precise BN": replace BatchNorm running statistics by their plain average over `loader`'s
+    clips under the final weights of the epoch (averaged over ranks).
+
+    I3D's BN momentum (0.01, TF's 0.99 decay) suits fine-tuning pretrained weights; a short run
+    from scratch moves the weights faster than the running statistics follow, so eval-mode outputs
+    would be wrong without this. Costs one forward pass over the epoch's clips.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    for batch in loader:
+        with autocast(device, precision):
+            model(batch[stream].to(device, non_blocking=True))
+    model.train(was_training)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+        if world > 1:
+            import torch.distributed as dist
+
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf /= world
+
+
 # -- the per-worker loop ------------------------------------------------------------------------
 
 
@@ -313,7 +345,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(int(config["threads"]))
+    torch.set_num_threads(int(config["threads"] or len(os.sched_getaffinity(0))))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -380,6 +412,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
         scheduler.step()
+        if cfg.precise_bn:
+            recalibrate_bn(model, loader, stream=cfg.stream, device=device, precision=cfg.precision, world=world)
         totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
@@ -469,8 +503,9 @@ def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
     return latest
 
 
-def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int]:
-    """(workers, use_gpu, resources per worker, torch threads per worker) for the connected cluster."""
+def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int | None]:
+    """(workers, use_gpu, resources per worker, torch threads per worker or None for the worker's
+    own CPU count) for the connected cluster."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -478,10 +513,11 @@ def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int]:
         workers = cfg.num_workers or gpus
         cpus = cfg.cpus_per_worker or cfg.loader_workers + 1
         return workers, True, {"CPU": cpus, "GPU": 1}, cpus
+    # CPU-only: one worker by default, whose torch threads use the node's cores; it reserves at
+    # most the CPUs that are free, so a small machine never waits on its own reservation
     workers = cfg.num_workers or 1
-    free = int(ray.available_resources().get("CPU", 1))
-    cpus = cfg.cpus_per_worker or max(1, free // workers)
-    return workers, False, {"CPU": cpus}, cpus
+    free = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+    return workers, False, {"CPU": min(cfg.cpus_per_worker or free, free)}, cfg.cpus_per_worker
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
@@ -564,6 +600,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="val")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume, slower)")
+    p.add_argument("--precise-bn", action="store_true", help="recompute BatchNorm statistics on each epoch's clips before validation (short runs from scratch)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, 1 on CPU)")
     p.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker (default 2)")

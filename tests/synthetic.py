@@ -1,9 +1,8 @@
 """A synthetic labelled action dataset for the train/evaluate tests, encoded by ffmpeg.
 
-Each video shows a textured square moving in one of four directions (the class) over a random,
-static, smooth background; texture, background, start position and speed vary per video. The
-class is visible only in the motion, so a flow model learns it quickly while a single RGB frame
-says nothing about it. Mirroring swaps left and right, so train these with `--no-flip`.
+Each video pans over a random blocky, tinted texture so that the whole picture moves in one of four
+directions (the class); texture, tint and speed vary per video. The class is visible only in the
+motion, so a flow model learns it quickly while a single RGB frame says nothing about it. Mirroring swaps left and right, so train these with `--no-flip`.
 
 Frames are drawn with numpy (exact, seeded) and piped to ffmpeg as raw RGB (argument list, no
 shell), encoded as near-lossless H.264 at 25 fps.
@@ -24,30 +23,24 @@ DIRECTIONS: dict[str, tuple[int, int]] = {"up": (0, -1), "down": (0, 1), "left":
 CLASSES = tuple(sorted(DIRECTIONS))
 
 
-def motion_frames(direction: str, rng: np.random.Generator, *, size: int = 64, frames: int = 24,
-                  obj: int = 20, speed: float = 1.5) -> np.ndarray:  # fmt: skip
-    """uint8 (frames, size, size, 3): a textured `obj` px square moving `speed` px/frame."""
+def motion_frames(direction: str, rng: np.random.Generator, *, size: int = 64, frames: int = 20,
+                  speed: float = 1.5) -> np.ndarray:  # fmt: skip
+    """uint8 (frames, size, size, 3): the view pans `speed` px/frame over a random textured scene,
+    so the scene moves the other way on screen; `direction` is where the scene content moves."""
     dx, dy = DIRECTIONS[direction]
-    background = cv2.resize(rng.uniform(0, 255, (6, 6, 3)).astype(np.float32), (size, size),
-                            interpolation=cv2.INTER_CUBIC)  # fmt: skip
-    texture = rng.integers(0, 2, (5, 5, 1)) * rng.uniform(120, 255, (1, 1, 3))
-    texture = cv2.resize(texture.astype(np.float32), (obj, obj), interpolation=cv2.INTER_NEAREST)
-    travel = speed * (frames - 1)
-    margin = 2
-    lo, hi = margin, size - obj - margin - travel  # start range along the motion axis
-    along = rng.uniform(lo, max(lo, hi))
-    across = rng.uniform(margin, size - obj - margin)
+    travel = int(np.ceil(speed * (frames - 1))) + 2
+    side = size + travel
+    blocks = rng.integers(0, 2, (side // 4 + 1, side // 4 + 1, 1)) * rng.uniform(60, 255, (1, 1, 3))
+    scene = cv2.resize(blocks.astype(np.float32), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)[:side, :side]
+    tint = cv2.resize(rng.uniform(0, 120, (4, 4, 3)).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+    scene = np.clip(0.6 * scene + tint, 0, 255)
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        pos = along + speed * t
-        if dx + dy < 0:  # up / left: run the other way along the axis
-            pos = size - obj - pos
-        x, y = (pos, across) if dx else (across, pos)
-        # sub-pixel placement: warp the texture, then paste with its mask
-        m = np.float32([[1, 0, x], [0, 1, y]])
-        layer = cv2.warpAffine(texture, m, (size, size), flags=cv2.INTER_LINEAR)
-        mask = cv2.warpAffine(np.ones((obj, obj), np.float32), m, (size, size), flags=cv2.INTER_LINEAR)[..., None]
-        out[t] = np.clip(background * (1 - mask) + layer, 0, 255).astype(np.uint8)
+        shift = speed * t  # content moves +shift along (dx, dy), so the window moves -shift
+        x0 = (travel - 1) * (dx > 0) - dx * shift if dx else travel / 2  # window origin in the scene
+        y0 = (travel - 1) * (dy > 0) - dy * shift if dy else travel / 2
+        m = np.float32([[1, 0, -x0], [0, 1, -y0]])  # scene (x0, y0) -> frame (0, 0), sub-pixel
+        out[t] = np.clip(cv2.warpAffine(scene, m, (size, size), flags=cv2.INTER_LINEAR), 0, 255).astype(np.uint8)
     return out
 
 
@@ -64,7 +57,7 @@ def encode(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
 
 
 def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0,
-                        size: int = 64, frames: int = 24) -> Path:  # fmt: skip
+                        size: int = 64, frames: int = 20) -> Path:  # fmt: skip
     """Videos under root/videos and root/labels.csv (`video,label,split`, paths relative to root).
 
     Returns the labels.csv path.
@@ -76,7 +69,7 @@ def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: 
         for i in range(count):
             for label in CLASSES:
                 name = f"videos/{split}_{label}_{i:02d}.mp4"
-                speed = rng.uniform(1.0, 2.0)
+                speed = rng.uniform(1.5, 2.5)
                 encode(root / name, motion_frames(label, rng, size=size, frames=frames, speed=speed))
                 rows.append((name, label, split))
     labels = root / "labels.csv"
@@ -85,3 +78,46 @@ def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: 
         writer.writerow(("video", "label", "split"))
         writer.writerows(rows)
     return labels
+
+
+# -- shared, memoised test fixtures (used by tests/jobs/test_train.py and test_evaluate.py) -------
+
+# Small enough for 2 CPU cores, big enough for I3D (T >= 9; 48 px -> 2x2 at Mixed_5c).
+CLIP_LEN, CROP_SIZE = 16, 48
+FAST_FLOW = dict(nscales=3, warps=1, inner_iterations=10, outer_iterations=2)  # flow quality is not under test here
+TRAIN_SETTINGS = dict(
+    stream="flow", epochs=6, batch_size=4, lr=1e-3, optimizer="adam", weight_decay=0.0, clip_len=CLIP_LEN,
+    crop_size=CROP_SIZE, flip=False, precise_bn=True, loader_workers=0, deterministic=True, seed=0,
+)
+_MEMO: dict[str, object] = {}
+
+
+def motion_shards(root: Path) -> tuple[Path, Path]:
+    """(labels.csv, shard dir) of the motion dataset preprocessed with our pipeline (rgb + flow),
+    made once per test session under `root`."""
+    if "shards" not in _MEMO:
+        from jobs.preprocess import PreprocessConfig, preprocess
+        from pipeline.decode import DecodeConfig
+        from pipeline.flow import FlowConfig
+
+        labels = make_motion_dataset(root / "motion")
+        videos = sorted(str(p) for p in (root / "motion" / "videos").glob("*.mp4"))
+        shards = root / "motion_shards"
+        report = preprocess(videos, PreprocessConfig(
+            out=str(shards), streams=("rgb", "flow"), decode=DecodeConfig(short_side=0), flow=FlowConfig(**FAST_FLOW),
+        ))  # fmt: skip
+        assert not report.failed and len(report.ok) == len(videos), report.summary()
+        _MEMO["shards"] = (labels, shards)
+    return _MEMO["shards"]  # type: ignore[return-value]
+
+
+def trained_run(root: Path, name: str, **overrides) -> Path:
+    """RUN_DIR of `quovadis train` on the motion dataset with TRAIN_SETTINGS + overrides, made once."""
+    if name not in _MEMO:
+        from jobs.train import TrainConfig, train
+
+        labels, shards = motion_shards(root)
+        out = root / name
+        train(TrainConfig(data=str(shards), labels=str(labels), out=str(out), **{**TRAIN_SETTINGS, **overrides}))
+        _MEMO[name] = out
+    return _MEMO[name]  # type: ignore[return-value]

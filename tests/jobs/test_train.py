@@ -1,0 +1,159 @@
+"""`quovadis train` on a synthetic motion dataset made with ffmpeg and preprocessed by our pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from jobs.train import (
+    TrainConfig,
+    epoch_order,
+    latest_checkpoint,
+    load_state,
+    plot_curves,
+    train,
+    train_dataset,
+)
+from jobs.labels import load_labels
+from models.weights import load_checkpoint
+from pipeline.errors import ConfigError
+from tests.synthetic import TRAIN_SETTINGS, motion_shards, trained_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory, ray_session) -> Path:
+    path = tmp_path_factory.getbasetemp() / "motion_work"  # shared with test_evaluate.py
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_epoch_order_covers_every_clip_once_per_epoch():
+    for world in (1, 3):
+        parts = [epoch_order(10, seed=1, epoch=2, rank=r, world=world) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # every rank takes the same number of steps
+        assert set().union(*parts) == set(range(10)) and sum(map(len, parts)) == 10 + (-10) % world
+    assert epoch_order(10, seed=1, epoch=2, rank=0, world=1) == epoch_order(10, seed=1, epoch=2, rank=0, world=1)
+    assert epoch_order(10, seed=1, epoch=2, rank=0, world=1) != epoch_order(10, seed=1, epoch=3, rank=0, world=1)
+
+
+def test_plot_curves_draws_both_panels(tmp_path):
+    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.5 / e, "train_acc": 0.2 * e, "val_top1": 0.25 * e}
+               for e in range(1, 5)]  # fmt: skip
+    img = cv2.imread(str(plot_curves(history, tmp_path / "c.png")))
+    assert img.shape == (360, 900, 3)
+    blue = (img[..., 0] > 150) & (img[..., 2] < 100)  # train curves (BGR 200, 90, 30)
+    red = (img[..., 2] > 150) & (img[..., 0] < 100)  # val curves
+    for panel in (slice(0, 450), slice(450, 900)):
+        assert blue[:, panel].sum() > 100 and red[:, panel].sum() > 100
+
+
+def test_training_clips_flip_negates_flow_x(work):
+    labels_csv, shards = motion_shards(work)
+    labels = load_labels(labels_csv, shards)
+    right = [v for v in labels.videos if labels.classes[v.label] == "right"]
+    cfg = TrainConfig(data=str(shards), labels=str(labels_csv), out=str(work / "unused"),
+                      **{**TRAIN_SETTINGS, "flip": True})  # fmt: skip
+    ds = train_dataset(cfg, right)
+    plain = TrainConfig(**{**cfg.to_dict(), "flip": False})
+    seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        unflipped = train_dataset(plain, right)
+        unflipped.set_epoch(epoch)
+        for i in range(len(ds)):
+            item, ref = ds[i], unflipped[i]
+            assert item["start"] == ref["start"] and torch.equal(item["crop_box"], ref["crop_box"])
+            x = item["flow"]  # (2, T, h, w), channel 0 = x
+            assert x.shape == (2, cfg.clip_len, cfg.crop_size, cfg.crop_size)
+            if item["flipped"]:
+                assert torch.equal(x[0], -ref["flow"][0].flip(-1)) and torch.equal(x[1], ref["flow"][1].flip(-1))
+                assert x[0].mean() < -0.02  # content moving right moves left in the mirror
+            else:
+                assert torch.equal(x, ref["flow"]) and x[0].mean() > 0.02
+            seen.add(item["flipped"])
+    assert seen == {True, False}
+
+
+def test_flow_model_learns_motion_direction(work):
+    run_dir = trained_run(work, "flow_run")
+    history = metrics(run_dir)
+    assert [m["epoch"] for m in history] == list(range(1, TRAIN_SETTINGS["epochs"] + 1))
+    assert history[-1]["val_top1"] >= 0.9, history
+    assert history[-1]["val_videos"] == 8 and history[-1]["train_clips"] == 16
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert cv2.imread(str(run_dir / "curves.png")) is not None
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+    assert kept == ["epoch-0005.pt", "epoch-0006.pt"]  # --keep-checkpoints 2
+    state = load_state(run_dir / "checkpoints" / "epoch-0006.pt")
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "history"} <= state.keys()
+    model, config = load_checkpoint(run_dir / "model.pt")
+    assert config["stream"] == "flow" and config["classes"] == ["down", "left", "right", "up"]
+    assert (config["clip_len"], config["crop_size"], config["epoch"]) == (16, 48, 6)
+    assert model.num_classes == 4 and model.in_channels == 2
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["extra"]["final"] == history[-1] and report["extra"]["workers"] == 1
+
+
+def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(work):
+    labels_csv, shards = motion_shards(work)
+    reference = trained_run(work, "flow_run")
+    out = work / "killed_run"
+    s = TRAIN_SETTINGS
+    cmd = [sys.executable, "-m", "jobs.cli", "train", "--data", str(shards), "--labels", str(labels_csv),
+           "--out", str(out), "--stream", s["stream"], "--epochs", str(s["epochs"]),
+           "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]), "--optimizer", s["optimizer"],
+           "--weight-decay", "0", "--clip-len", str(s["clip_len"]), "--crop-size", str(s["crop_size"]),
+           "--no-flip", "--precise-bn", "--loader-workers", "0", "--deterministic", "--seed", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "epoch-0003.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the training subprocess made no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its embedded Ray and its training worker
+        proc.wait()
+    assert latest_checkpoint(out).name in ("epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt")
+    assert proc.returncode == -signal.SIGKILL
+
+    cfg = TrainConfig(data=str(shards), labels=str(labels_csv), out=str(out), **TRAIN_SETTINGS)
+    with pytest.raises(ConfigError, match="pass --resume"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="differ from the run"):
+        train(TrainConfig(**{**cfg.to_dict(), "lr": 0.5}), resume=True)
+    train(cfg, resume=True)
+
+    done, ref = metrics(out), metrics(reference)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(done) == strip(ref)
+    a, _ = load_checkpoint(out / "model.pt")
+    b, _ = load_checkpoint(reference / "model.pt")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
+    labels_csv, shards = motion_shards(work)
+    bad = labels_csv.with_name("bad_labels.csv")  # beside the videos: relative paths resolve
+    bad.write_text(labels_csv.read_text().replace("videos/train_up_00.mp4", "videos/missing.mp4"))
+    cfg = TrainConfig(data=str(shards), labels=str(bad), out=str(tmp_path / "run"), **TRAIN_SETTINGS)
+    with pytest.raises(ConfigError, match=r"1 of 24 labelled videos match no stored video .*'videos/missing.mp4'"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
