@@ -1,0 +1,608 @@
+"""TV-L1 optical flow in PyTorch, batched over frame pairs, matching OpenCV-contrib's DualTVL1.
+
+The algorithm is the Zach-Pock-Bischof duality TV-L1 with the improvements of Sanchez Perez,
+Meinhardt-Llopis and Facciolo, "TV-L1 Optical Flow Estimation", IPOL 2013, in the form OpenCV
+implements it (opencv_contrib modules/optflow/src/tvl1flow.cpp, `cv2.optflow.DualTVL1OpticalFlow`).
+We follow OpenCV's numerics so that the two give the same field:
+
+- intensities 0..255 as float32 (OpenCV takes uint8 as is; its float input is read as 0..1);
+- pyramid: each level is the previous one resized by `scale_step` (bilinear, half-pixel centres,
+  size rounded), no blur; it stops before a side would drop below 16 px;
+- per level: centred gradient of I1 (one-sided, halved, at the borders); per warp, I1 and its
+  gradient sampled at x + u by bicubic interpolation (A = -0.75, taps outside the image read 0);
+- per outer iteration a 5x5 median of (u1, u2) (replicated border), then inner iterations of the
+  thresholding step, u = v + theta div p, and the dual step p = (p + tau/theta grad u) /
+  (1 + tau/theta |grad u|); the dual variables restart at 0 on each level;
+- a pair stops iterating within a warp once sum |u_new - u|^2 <= epsilon^2 * area; pairs of a batch
+  stop independently (their values freeze), so a batch gives the field each pair gets alone;
+- the flow is upsampled bilinearly to the next level and multiplied by 1 / scale_step.
+
+Contract: `tvl1(prev, next)` takes grayscale (B, H, W) frames, intensities 0..255 as uint8 or float,
+and returns float32 (B, 2, H, W) flow in pixels, channel 0 = x (to the right), channel 1 = y (down):
+the pixel (x, y) of `prev` is seen at (x + f0, y + f1) in `next`. `compute_flow` wraps it for a
+video: uint8 (T, H, W) -> float32 (T-1, H, W, 2), field t is frame t -> t+1 (pipeline layout).
+
+The fast path (`FlowConfig.fast`) runs the same iteration through torch.compile (on CUDA with CUDA
+graphs) and checks convergence on the host only once per outer iteration; the masks keep the
+per-pair stopping exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ConfigError, FlowError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "opencv")
+_MIN_LEVEL_SIDE = 16  # OpenCV stops the pyramid before a side gets smaller than this
+_FLT_EPSILON = float(np.finfo(np.float32).eps)  # OpenCV's "gradient is zero" test in the threshold step
+_CUBIC_A = -0.75  # cv::remap INTER_CUBIC kernel parameter
+_HUGE = 1e30  # 1 / |grad|^2 where |grad|^2 <= _FLT_EPSILON: the threshold step then saturates at +-l_t
+# cv2.cvtColor RGB2GRAY for uint8 in OpenCV 5: 15-bit fixed point, round half up (checked on all 2^24 colours)
+_GRAY_SHIFT = 15
+_GRAY_COEFFS = (9798, 19235, 3735)  # R, G, B; sum 2^15
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """TV-L1 parameters (OpenCV DualTVL1 defaults) and how to run them.
+
+    backend: "torch" (ours) or "opencv" (cv2.optflow DualTVL1 on the CPU, pair by pair: the reference).
+    device: torch device for the torch backend; None picks cuda when available, else cpu.
+    fast: the fused path: torch.compile of the iteration, the median and the warp, and on CUDA one
+        CUDA graph per outer iteration (median + inner iterations); the same numbers as eager up to
+        float rounding. None: fast where it compiles (falling back to eager with a warning), False:
+        eager, True: fast or an error.
+    batch_pairs: frame pairs solved at once by `compute_flow` / `FlowPredictor`.
+    cpu_threads: torch threads `FlowPredictor` sets for its process (a Ray actor owns its process);
+        None leaves torch's default. On a shared machine 1 is often fastest: OpenMP threads wait on
+        each other when the cores are busy.
+    """
+
+    tau: float = 0.25
+    lambda_: float = 0.15
+    theta: float = 0.3
+    nscales: int = 5
+    warps: int = 5
+    epsilon: float = 0.01
+    inner_iterations: int = 30
+    outer_iterations: int = 10
+    scale_step: float = 0.8
+    gamma: float = 0.0
+    median_filtering: int = 5
+    backend: str = "torch"
+    device: str | None = None
+    fast: bool | None = None
+    batch_pairs: int = 32
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"flow backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in ("tau", "lambda_", "theta", "epsilon"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"flow {name} must be > 0, got {getattr(self, name)}")
+        for name in ("nscales", "warps", "inner_iterations", "outer_iterations", "batch_pairs"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ConfigError(f"flow {name} must be an integer >= 1, got {getattr(self, name)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"flow cpu_threads must be >= 1 or None, got {self.cpu_threads}")
+        if not 0 < self.scale_step < 1:
+            raise ConfigError(f"flow scale_step must be in (0, 1), got {self.scale_step}")
+        if self.median_filtering not in (0, 1, 3, 5):
+            # OpenCV's medianBlur takes only 3 or 5 on float images; 0 or 1 switch it off
+            raise ConfigError(f"flow median_filtering must be 0, 1, 3 or 5, got {self.median_filtering}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(f"flow device {self.device!r} is not a torch device: {e}") from e
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(cfg: FlowConfig, like: object = None) -> torch.device:
+    """cfg.device if set; else the device of a torch input; else cuda when available, else cpu."""
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    if isinstance(like, torch.Tensor):
+        return like.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# grayscale
+
+
+def rgb_to_gray(frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) RGB -> uint8 (..., H, W), bit-exact to cv2.cvtColor(COLOR_RGB2GRAY).
+
+    The one grayscale conversion of quovadis (flow is computed on these frames).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
+        raise FlowError(f"rgb_to_gray needs uint8 (..., H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    r, g, b = (frames[..., i].astype(np.int32) for i in range(3))
+    cr, cg, cb = _GRAY_COEFFS
+    y = (r * cr + g * cg + b * cb + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+    return y.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenCV reference
+
+
+def tvl1_opencv(prev: np.ndarray | torch.Tensor, next: np.ndarray | torch.Tensor, cfg: FlowConfig = FlowConfig()) -> np.ndarray:
+    """OpenCV-contrib DualTVL1 with cfg's parameters, pair by pair: (B, H, W) -> float32 (B, 2, H, W).
+
+    The reference our `tvl1` is tested against, and the `opencv` backend. Inputs as for `tvl1`
+    (0..255); float input is handed to OpenCV divided by 255, the scale it expects.
+    """
+    import cv2
+
+    prev_np, next_np = (_as_numpy_batch(x, name) for x, name in ((prev, "prev"), (next, "next")))
+    _check_pair_shapes(prev_np.shape, next_np.shape)
+    out = np.empty((prev_np.shape[0], 2) + prev_np.shape[1:], np.float32)
+    # a fresh object per call: OpenCV lowers its own nscales for small images and keeps it
+    algo = cv2.optflow.DualTVL1OpticalFlow_create(
+        tau=cfg.tau, lambda_=cfg.lambda_, theta=cfg.theta, nscales=cfg.nscales, warps=cfg.warps,
+        epsilon=cfg.epsilon, innnerIterations=cfg.inner_iterations, outerIterations=cfg.outer_iterations,
+        scaleStep=cfg.scale_step, gamma=cfg.gamma, medianFiltering=cfg.median_filtering, useInitialFlow=False,
+    )
+    for i, (a, b) in enumerate(zip(prev_np, next_np)):
+        if a.dtype != np.uint8:
+            a, b = (np.ascontiguousarray(x, dtype=np.float32) / np.float32(255) for x in (a, b))
+        flow = algo.calc(a, b, None)  # (H, W, 2)
+        out[i] = flow.transpose(2, 0, 1)
+    return out
+
+
+def _as_numpy_batch(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 2:
+        x = x[None]
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+    return x
+
+
+def _check_pair_shapes(a: tuple, b: tuple) -> None:
+    if len(a) != 3 or a != b:
+        raise FlowError(f"flow needs prev and next of equal shape (B, H, W), got {tuple(a)} and {tuple(b)}")
+    if a[1] < 3 or a[2] < 3:
+        raise FlowError(f"flow needs frames of at least 3x3 pixels, got {a[1]}x{a[2]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks, all on (B, C, H, W) float32
+
+
+def _level_sizes(height: int, width: int, cfg: FlowConfig) -> list[tuple[int, int]]:
+    """Pyramid sizes, finest first, as OpenCV makes them (cvRound of size * scale_step)."""
+    sizes = [(height, width)]
+    for _ in range(1, cfg.nscales):
+        h, w = sizes[-1]
+        h, w = round(h * cfg.scale_step), round(w * cfg.scale_step)
+        if h < _MIN_LEVEL_SIDE or w < _MIN_LEVEL_SIDE:
+            break
+        sizes.append((h, w))
+    return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_taps(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weights of cv::resize INTER_LINEAR along one axis (source = (dst + 0.5) * scale - 0.5,
+    clamped to the edge)."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.clip(src.astype(np.float32).astype(np.float64), 0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    frac = (src - i0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, frac
+
+
+def _resize_linear(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float]) -> torch.Tensor:
+    """cv::resize(INTER_LINEAR) of (B, C, H, W) float32 to `size`, with source/destination `scale` per axis."""
+    (h_in, w_in), (h_out, w_out) = x.shape[-2:], size
+    for axis, n_in, n_out, s in ((-1, w_in, w_out, scale[1]), (-2, h_in, h_out, scale[0])):
+        i0, i1, frac = (torch.from_numpy(a).to(x.device) for a in _linear_taps(n_in, n_out, s))
+        shape = (n_out, 1) if axis == -2 else (n_out,)
+        a, b = x.index_select(axis, i0), x.index_select(axis, i1)
+        x = a + (b - a) * frac.view(shape)
+    return x
+
+
+def _centered_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's centeredGradient: 0.5 * (next - previous), the edge pixel standing in beyond the border."""
+    p = F.pad(img, (1, 1, 1, 1), mode="replicate")
+    dx = 0.5 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2])
+    dy = 0.5 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1])
+    return dx, dy
+
+
+def _forward_gradient(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward differences, 0 on the last column (x) and last row (y)."""
+    dx = F.pad(u[..., :, 1:] - u[..., :, :-1], (0, 1, 0, 0))
+    dy = F.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
+    return dx, dy
+
+
+def _divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Backward differences with p = 0 before the first row and column (the adjoint of -_forward_gradient
+    in the interior, as OpenCV computes it)."""
+    return (px - F.pad(px[..., :, :-1], (1, 0, 0, 0))) + (py - F.pad(py[..., :-1, :], (0, 0, 1, 0)))
+
+
+@functools.lru_cache(maxsize=4)
+def _median_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs (i, j), i < j, after which wire n // 2 holds the median of n wires:
+    Batcher's odd-even merge sort for the next power of two, minus the comparators that touch the
+    missing wires (think +inf there: they never swap) or do not lead to the middle wire."""
+    size = 1 << (n - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    needed, kept = {n // 2}, []
+    for i, j in reversed([(i, j) for i, j in pairs if j < n]):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed |= {i, j}
+    return tuple(reversed(kept))
+
+
+def _median_blur(u: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k median of (B, C, H, W), border replicated (cv::medianBlur on float, exactly), by a
+    min/max selection network over the k*k shifted images: elementwise only, so it is 4x faster
+    than sorting unfolded windows on the CPU, and torch.compile fuses it into one kernel."""
+    h, w = u.shape[-2:]
+    r = k // 2
+    p = F.pad(u, (r, r, r, r), mode="replicate")
+    wires = [p[..., dy : dy + h, dx : dx + w] for dy in range(k) for dx in range(k)]
+    for i, j in _MEDIAN_NETWORKS[k]:
+        wires[i], wires[j] = torch.minimum(wires[i], wires[j]), torch.maximum(wires[i], wires[j])
+    return wires[k * k // 2]
+
+
+_MEDIAN_NETWORKS = {k: _median_network(k * k) for k in (3, 5)}  # built here: compiled code only reads them
+
+
+def _cubic_weights(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Keys cubic (A = -0.75) weights of the taps at offsets -1, 0, 1, 2 for fractions t in [0, 1)."""
+    a = _CUBIC_A
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    s = 1 - t
+    w2 = ((a + 2) * s - (a + 3)) * s * s + 1
+    return w0, w1, w2, 1 - w0 - w1 - w2
+
+
+def _remap_cubic(img: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample (B, C, H, W) at (x + u[:, 0], y + u[:, 1]) bicubically, taps outside the image reading 0
+    (cv::remap INTER_CUBIC with BORDER_CONSTANT 0); integer positions return the pixel exactly.
+
+    The image gets a 2-pixel frame of zeros and tap indices are clamped into it, so a tap outside
+    the image reads 0 without a mask.
+    """
+    b, c, h, w = img.shape
+    hp, wp = h + 4, w + 4
+    flat = F.pad(img, (2, 2, 2, 2)).reshape(b, c, hp * wp)
+    xs = torch.arange(w, device=img.device, dtype=torch.float32).view(1, 1, w) + u[:, 0]  # (B, H, W)
+    ys = torch.arange(h, device=img.device, dtype=torch.float32).view(1, h, 1) + u[:, 1]
+    x0, y0 = torch.floor(xs), torch.floor(ys)
+    wx, wy = _cubic_weights(xs - x0), _cubic_weights(ys - y0)
+    # padded index of the tap at offset -1 is floor + 1; clamping keeps far-away taps on the zero frame
+    x0 = x0.clamp(-3.0, w + 1.0).to(torch.int64) + 1
+    y0 = y0.clamp(-3.0, h + 1.0).to(torch.int64) + 1
+    cols = [(x0 + j).clamp(0, wp - 1) for j in range(4)]
+    out = torch.zeros_like(img)
+    for i in range(4):
+        row_start = (y0 + i).clamp(0, hp - 1) * wp
+        row = torch.zeros_like(img)
+        for j in range(4):
+            index = (row_start + cols[j]).view(b, 1, h * w).expand(b, c, h * w)
+            row = row + wx[j].unsqueeze(1) * torch.gather(flat, 2, index).view(b, c, h, w)
+        out = out + wy[i].unsqueeze(1) * row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the iteration
+
+
+def _tvl1_step(
+    u: torch.Tensor,
+    p: torch.Tensor,
+    active: torch.Tensor,
+    direction: torch.Tensor,
+    inv_grad: torch.Tensor,
+    rho_c: torch.Tensor,
+    eps: torch.Tensor,
+    l_t: float,
+    theta: float,
+    taut: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One inner iteration for the pairs still `active`; the others keep their values.
+
+    u (B, C, H, W) flow (C = 2, or 3 with the illumination term), p (B, C, 2, H, W) dual variables,
+    active (B,) bool, direction (B, C, H, W) = (I1wx, I1wy[, gamma]), inv_grad (B, 1, H, W) =
+    1 / (I1wx^2 + I1wy^2) (huge where that is ~0), rho_c (B, 1, H, W) = I1w - I1wx u1 - I1wy u2 - I0
+    at the warp, eps (1,) the stopping threshold. Returns the new (u, p, active): a pair turns
+    inactive after the iteration in which sum (u_new - u)^2 <= eps.
+    """
+    # thresholding step, v = u + coef * direction: OpenCV's three cases are coef = l_t where
+    # rho < -l_t |grad|^2, -l_t where rho > l_t |grad|^2, else -rho / |grad|^2, i.e. a clamp
+    rho = rho_c + direction[:, 0:1] * u[:, 0:1] + direction[:, 1:2] * u[:, 1:2]
+    if u.shape[1] == 3:
+        rho = rho + direction[:, 2:3] * u[:, 2:3]
+    coef = (-rho * inv_grad).clamp(-l_t, l_t)
+    v = u + coef * direction
+    # primal step u = v + theta div p (rounded in OpenCV's order)
+    u_new = v + theta * _divergence(p[:, :, 0], p[:, :, 1])
+    err = (u_new - u).square().sum(dim=(1, 2, 3))
+    # dual step
+    ux, uy = _forward_gradient(u_new)
+    ng = 1.0 + taut * torch.sqrt(ux * ux + uy * uy)
+    p_new = (p + taut * torch.stack((ux, uy), dim=2)) / ng.unsqueeze(2)
+    keep = active.view(-1, 1, 1, 1)
+    return torch.where(keep, u_new, u), torch.where(keep.unsqueeze(-1), p_new, p), active & (err > eps)
+
+
+def _median_step(u: torch.Tensor, active: torch.Tensor, k: int) -> torch.Tensor:
+    """Median filter of (u1, u2) for the active pairs (the start of an outer iteration)."""
+    filtered = _median_blur(u[:, :2], k)
+    if u.shape[1] == 3:
+        filtered = torch.cat((filtered, u[:, 2:]), dim=1)
+    return torch.where(active.view(-1, 1, 1, 1), filtered, u)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    step: object  # _tvl1_step or its compiled form
+    median: object  # _median_step or its compiled form
+    compiled: bool
+
+
+_EAGER = _Kernels(_tvl1_step, _median_step, compiled=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_kernels(device_type: str) -> _Kernels:
+    """torch.compile of the step, with dynamic shapes, so that one compilation serves every pyramid
+    level and batch size; on CUDA the median too (the min/max network becomes one kernel inside the
+    CUDA graph; on the CPU its eager form is as fast as compiled and compiles in no time).
+    The warp runs eagerly: once per warp, and compiled gathers were slower on the CPU."""
+    step = torch.compile(_tvl1_step, dynamic=True)
+    median = torch.compile(_median_step, dynamic=True) if device_type == "cuda" else _median_step
+    return _Kernels(step, median, compiled=True)
+
+
+_fast_failed: str | None = None  # why the automatic fast path fell back to eager in this process
+
+
+class _GraphedOuterIteration:
+    """One outer iteration (median + inner iterations) at one level shape, captured as a CUDA graph.
+
+    The state lives in static tensors: `load` fills them, `replay` runs the graph, which writes the
+    new u, p and active back into them. One host sync per outer iteration (`active.any()`).
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, cfg: FlowConfig, kernels: _Kernels) -> None:
+        b, c, h, w = shape
+        zeros = functools.partial(torch.zeros, device=device, dtype=torch.float32)
+        self.u, self.p = zeros(b, c, h, w), zeros(b, c, 2, h, w)
+        self.direction, self.inv_grad, self.rho_c = zeros(b, c, h, w), zeros(b, 1, h, w), zeros(b, 1, h, w)
+        self.eps = zeros(1)
+        self.active = torch.ones(b, dtype=torch.bool, device=device)
+        self._cfg, self._kernels = cfg, kernels
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            self._body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def _body(self) -> None:
+        cfg, k = self._cfg, self._kernels
+        u, p, active = self.u, self.p, self.active
+        if cfg.median_filtering > 1:
+            u = k.median(u, active, cfg.median_filtering)
+        l_t, theta, taut = _scalars(cfg)
+        for _ in range(cfg.inner_iterations):
+            u, p, active = k.step(u, p, active, self.direction, self.inv_grad, self.rho_c, self.eps, l_t, theta, taut)
+        self.u.copy_(u)
+        self.p.copy_(p)
+        self.active.copy_(active)
+
+
+@functools.lru_cache(maxsize=16)
+def _graphed(shape: tuple[int, int, int, int], device: torch.device, cfg: FlowConfig) -> _GraphedOuterIteration:
+    return _GraphedOuterIteration(shape, device, cfg, _compiled_kernels(device.type))
+
+
+def _scalars(cfg: FlowConfig) -> tuple[float, float, float]:
+    """lambda * theta, theta, tau / theta, rounded to float32 as OpenCV does."""
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    return f32(cfg.lambda_ * cfg.theta), f32(cfg.theta), f32(cfg.tau / cfg.theta)
+
+
+def _one_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, cfg: FlowConfig, kernels: _Kernels) -> tuple[torch.Tensor, int]:
+    """Warps and iterations at one pyramid level; i0, i1 (B, 1, H, W), u (B, C, H, W). Returns u and
+    the number of inner iterations the slowest pair ran in its slowest warp."""
+    b, c, h, w = u.shape
+    device = u.device
+    l_t, theta, taut = _scalars(cfg)
+    eps = torch.tensor([np.float32(cfg.epsilon * cfg.epsilon * h * w)], device=device)
+    graph = _graphed((b, c, h, w), device, _numeric(cfg)) if kernels.compiled and device.type == "cuda" else None
+    if graph is not None:
+        graph.u.copy_(u)
+        graph.p.zero_()
+        graph.eps.copy_(eps)
+        u = graph.u
+    else:
+        p = torch.zeros(b, c, 2, h, w, device=device, dtype=torch.float32)
+    i1x, i1y = _centered_gradient(i1)
+    stack = torch.cat((i1, i1x, i1y), dim=1)  # (B, 3, H, W)
+    most = 0
+    for _ in range(cfg.warps):
+        warped = _remap_cubic(stack, u[:, :2])
+        i1w, i1wx, i1wy = warped[:, 0:1], warped[:, 1:2], warped[:, 2:3]
+        grad = i1wx * i1wx + i1wy * i1wy
+        inv_grad = torch.where(grad > _FLT_EPSILON, 1.0 / grad, torch.full_like(grad, _HUGE))
+        rho_c = i1w - i1wx * u[:, 0:1] - i1wy * u[:, 1:2] - i0
+        direction = torch.cat((i1wx, i1wy) + ((torch.full_like(i1wx, cfg.gamma),) if c == 3 else ()), dim=1)
+        iterations = 0
+        if graph is not None:
+            graph.direction.copy_(direction)
+            graph.inv_grad.copy_(inv_grad)
+            graph.rho_c.copy_(rho_c)
+            graph.active.fill_(True)
+            for _ in range(cfg.outer_iterations):
+                graph.graph.replay()
+                iterations += cfg.inner_iterations
+                if not bool(graph.active.any()):
+                    break
+        else:
+            active = torch.ones(b, dtype=torch.bool, device=device)
+            check_each = device.type == "cpu"  # a host sync per iteration costs nothing on the CPU
+            for _ in range(cfg.outer_iterations):
+                if cfg.median_filtering > 1:
+                    u = kernels.median(u, active, cfg.median_filtering)
+                for _ in range(cfg.inner_iterations):
+                    u, p, active = kernels.step(u, p, active, direction, inv_grad, rho_c, eps, l_t, theta, taut)
+                    iterations += 1
+                    if check_each and not bool(active.any()):
+                        break
+                if not bool(active.any()):
+                    break
+        most = max(most, iterations)
+    return (graph.u.clone() if graph is not None else u), most
+
+
+def _numeric(cfg: FlowConfig) -> FlowConfig:
+    """cfg with the fields that do not change the numbers cleared (a cache key)."""
+    return dataclasses.replace(cfg, device=None, fast=None, batch_pairs=1, cpu_threads=None)
+
+
+def _kernels_for(cfg: FlowConfig, device: torch.device) -> _Kernels:
+    if cfg.fast is False or (cfg.fast is None and _fast_failed is not None):
+        return _EAGER
+    return _compiled_kernels(device.type)
+
+
+def _as_tensor_batch(x: np.ndarray | torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.ndim == 2:
+        t = t[None]
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise FlowError(f"flow {name} frames must be uint8 or float, got {t.dtype}")
+    return t.to(device=device, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def tvl1(prev: np.ndarray | torch.Tensor, next: np.ndarray | torch.Tensor, cfg: FlowConfig = FlowConfig()) -> torch.Tensor:
+    """TV-L1 flow from `prev` to `next`: grayscale (B, H, W) 0..255 (uint8 or float; (H, W) is one pair)
+    -> float32 (B, 2, H, W) pixels, (x, y) order, on the device of `resolve_device(cfg, prev)`."""
+    global _fast_failed
+    device = resolve_device(cfg, prev)
+    i0 = _as_tensor_batch(prev, "prev", device)
+    i1 = _as_tensor_batch(next, "next", device)
+    _check_pair_shapes(tuple(i0.shape), tuple(i1.shape))
+    kernels = _kernels_for(cfg, device)
+    if kernels.compiled and cfg.fast is None:
+        try:
+            return _solve(i0, i1, cfg, kernels)
+        except torch._dynamo.exc.TorchDynamoException as e:  # no C++ compiler, no Triton, ...
+            _fast_failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.warning("flow: the compiled path failed (%s); this process uses the eager path", _fast_failed)
+            kernels = _EAGER
+    return _solve(i0, i1, cfg, kernels)
+
+
+def _solve(i0: torch.Tensor, i1: torch.Tensor, cfg: FlowConfig, kernels: _Kernels) -> torch.Tensor:
+    """Coarse to fine over the pyramid; i0, i1 float32 (B, H, W) on the device."""
+    b, h, w = i0.shape
+    sizes = _level_sizes(h, w, cfg)
+    pyramid = [(i0[:, None], i1[:, None])]
+    for size in sizes[1:]:
+        scale = (1.0 / cfg.scale_step, 1.0 / cfg.scale_step)
+        pyramid.append(tuple(_resize_linear(x, size, scale) for x in pyramid[-1]))
+    channels = 3 if cfg.gamma != 0 else 2
+    u = torch.zeros(b, channels, *sizes[-1], device=i0.device, dtype=torch.float32)
+    for level in range(len(sizes) - 1, -1, -1):
+        u, iterations = _one_scale(*pyramid[level], u, cfg, kernels)
+        log.debug("level %d %s: at most %d inner iterations in a warp", level, sizes[level], iterations)
+        if level == 0:
+            break
+        (h_s, w_s), (h_f, w_f) = sizes[level], sizes[level - 1]
+        u = _resize_linear(u, (h_f, w_f), (h_s / h_f, w_s / w_f))
+        u[:, :2] *= float(np.float32(1.0 / cfg.scale_step))  # the illumination channel is not a displacement
+    return u[:, :2].contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# videos
+
+
+def compute_flow(gray_frames: np.ndarray, cfg: FlowConfig = FlowConfig()) -> np.ndarray:
+    """Flow between consecutive frames: uint8 (T, H, W) -> float32 (T-1, H, W, 2) pixels, (x, y),
+    field t from frame t to t+1; pairs are solved cfg.batch_pairs at a time with cfg.backend."""
+    frames = np.asarray(gray_frames)
+    if frames.ndim != 3:
+        raise FlowError(f"compute_flow needs grayscale frames (T, H, W), got shape {frames.shape}")
+    t, h, w = frames.shape
+    out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
+    device = resolve_device(cfg) if cfg.backend == "torch" else None
+    for start in range(0, t - 1, cfg.batch_pairs):
+        stop = min(start + cfg.batch_pairs, t - 1)
+        prev, nxt = frames[start:stop], frames[start + 1 : stop + 1]
+        if cfg.backend == "opencv":
+            flow = tvl1_opencv(prev, nxt, cfg)
+        else:
+            flow = tvl1(torch.from_numpy(np.ascontiguousarray(prev)).to(device), torch.from_numpy(np.ascontiguousarray(nxt)).to(device), cfg).cpu().numpy()
+        out[start:stop] = flow.transpose(0, 2, 3, 1)
+    return out
+
+
+class FlowPredictor:
+    """TV-L1 for a Ray actor: `__init__` picks the device once; `__call__` takes a video chunk.
+
+    frames: uint8 (T, H, W) grayscale or (T, H, W, 3) RGB -> float32 (T-1, H, W, 2) pixels.
+    Testable without Ray.
+    """
+
+    def __init__(self, cfg: FlowConfig = FlowConfig()) -> None:
+        device = resolve_device(cfg) if cfg.backend == "torch" else torch.device("cpu")
+        self.cfg = dataclasses.replace(cfg, device=str(device))
+        if cfg.backend == "torch" and device.type == "cpu" and cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)
+        log.info("flow: backend %s on %s (fast=%s)", cfg.backend, device, cfg.fast)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+            raise FlowError(f"flow needs uint8 (T, H, W) or (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
+        gray = rgb_to_gray(frames) if frames.ndim == 4 else frames
+        return compute_flow(gray, self.cfg)
