@@ -22,9 +22,9 @@ and returns float32 (B, 2, H, W) flow in pixels, channel 0 = x (to the right), c
 the pixel (x, y) of `prev` is seen at (x + f0, y + f1) in `next`. `compute_flow` wraps it for a
 video: uint8 (T, H, W) -> float32 (T-1, H, W, 2), field t is frame t -> t+1 (pipeline layout).
 
-The fast path (`FlowConfig.fast`) runs the same iteration through torch.compile (on CUDA with CUDA
-graphs) and checks convergence on the host only once per outer iteration; the masks keep the
-per-pair stopping exact.
+The fast path (`FlowConfig.fast`) runs the same iteration through torch.compile; on CUDA each outer
+iteration (median + 30 inner iterations) is one CUDA graph replay and the host checks convergence
+once per outer iteration: the per-pair masks keep the stopping exact whenever it is checked.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -403,8 +402,10 @@ _fast_failed: str | None = None  # why the automatic fast path fell back to eage
 class _GraphedOuterIteration:
     """One outer iteration (median + inner iterations) at one level shape, captured as a CUDA graph.
 
-    The state lives in static tensors: `load` fills them, `replay` runs the graph, which writes the
-    new u, p and active back into them. One host sync per outer iteration (`active.any()`).
+    The state lives in static tensors: the caller fills them (u and p per level; direction, inv_grad,
+    rho_c and active per warp), `graph.replay()` runs median + inner iterations and writes the new
+    u, p and active back into them. The host syncs once per outer iteration (`active.any()`).
+    Warm-up (compilation) runs on a side stream before the capture, as CUDA graphs require.
     """
 
     def __init__(self, shape: tuple[int, int, int, int], device: torch.device, cfg: FlowConfig, kernels: _Kernels) -> None:
@@ -415,14 +416,16 @@ class _GraphedOuterIteration:
         self.eps = zeros(1)
         self.active = torch.ones(b, dtype=torch.bool, device=device)
         self._cfg, self._kernels = cfg, kernels
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            self._body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile and warm up outside the capture
+                    self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body()
 
     def _body(self) -> None:
         cfg, k = self._cfg, self._kernels

@@ -310,3 +310,46 @@ def test_flow_predictor_on_rgb_frames():
     np.testing.assert_array_equal(flow, compute_flow(rgb_to_gray(rgb), EAGER))
     assert np.abs(flow[:, 8:-8, 8:-8, 0].mean() - 0.8) < 0.05
     assert predictor(rgb[:1]).shape == (0, 48, 64, 2)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast-cuda-graphs"])
+@pytest.mark.parametrize("name", ["RubberWhale", "Venus"])
+def test_cuda_middlebury_matches_opencv(name, fast, opencv_middlebury):
+    prev, nxt, truth = middlebury(name)
+    ref = opencv_middlebury(name)
+    flow = tvl1(prev, nxt, FlowConfig(device="cuda", fast=fast))
+    assert flow.device.type == "cuda" and flow.dtype == torch.float32
+    ours = hw2(flow[0].cpu().numpy())
+    assert abs(endpoint_error(ours, truth) - endpoint_error(ref, truth)) <= 0.05 * endpoint_error(ref, truth)
+    assert endpoint_error(ours, ref) < MAX_MEAN_DISTANCE_TO_OPENCV
+
+
+@pytest.mark.gpu
+def test_cuda_graph_batch_equals_one_by_one_and_is_reusable():
+    cfg = FlowConfig(device="cuda", fast=True)
+    shifts = [(0.0, 0.0), (1.3, -0.7), (3.0, 2.0), (-0.5, 0.25)]
+    prev = np.stack([textured(96, 128, seed=i) for i in range(4)])
+    nxt = np.stack([textured(96, 128, shift=s, seed=i) for i, s in enumerate(shifts)])
+    batch = tvl1(prev, nxt, cfg)
+    again = tvl1(prev, nxt, cfg)  # replays the cached graphs with new state
+    torch.testing.assert_close(batch, again, rtol=0, atol=0)
+    for i in range(4):
+        one = tvl1(prev[i : i + 1], nxt[i : i + 1], cfg)
+        assert endpoint_error(hw2(batch[i].cpu().numpy()), hw2(one[0].cpu().numpy())) < 1e-3
+    cpu = tvl1(prev, nxt, EAGER)
+    for i in range(4):
+        assert endpoint_error(hw2(batch[i].cpu().numpy()), hw2(cpu[i].numpy())) < MAX_MEAN_DISTANCE_TO_OPENCV
+
+
+@pytest.mark.gpu
+def test_cuda_flow_predictor():
+    rgb = video_frames(shared_path("videos", "mmaction2_test_mpeg4.avi"), 6)
+    flow = FlowPredictor(FlowConfig(device="cuda", batch_pairs=4))(rgb)
+    ref = compute_flow(rgb_to_gray(rgb), dataclasses.replace(EAGER, backend="opencv"))
+    assert flow.shape == ref.shape == (5, 240, 320, 2)
+    for t in range(5):
+        assert endpoint_error(flow[t], ref[t]) < MAX_MEAN_DISTANCE_TO_OPENCV
