@@ -10,6 +10,7 @@ BENCHMARKS: dict[str, str] = {
     "decode": "decode+resample+write frames/s against plain ffmpeg (the ceiling), per core",
     "shards": "shard compression and chunking: size, write speed, random 64-frame clip reads",
     "i3d": "I3D clips/s and peak memory per batch size: eager fp32 (pytorch-i3d style) against our fast path",
+    "extract": "end-to-end extraction: videos/s, video-seconds per wall-second, busy fraction of each stage",
 }
 
 
