@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.weights import load_i3d
 from models.predictor import I3DPredictor, PredictorConfig
 from pipeline import conventions
 from pipeline.errors import ConfigError, WeightsError
@@ -38,13 +39,13 @@ def _batch(n: int = 2, t: int = 9, size: int = 32, seed: int = 0) -> dict[str, n
     }
 
 
-def test_rgb_only_equals_the_model_and_never_opens_flow_weights(rgb_only):
+def test_rgb_only_equals_the_model_and_never_opens_flow_weights(weights, rgb_only):
     assert set(rgb_only.models) == {"rgb"}  # the flow weights path does not exist: it was never opened
     batch = _batch()
     out = rgb_only(batch)
     np.testing.assert_array_equal(out["clip_id"], batch["clip_id"])
     assert set(out) == {"clip_id", "rgb", "logits_rgb", "logits"}
-    model = rgb_only.models["rgb"]  # loaded by models.weights.load_i3d (tests/models/test_weights.py)
+    model = load_i3d("rgb", weights["rgb"])  # the plain eager float32 model (tests/models/test_weights.py)
     with torch.no_grad():
         x = batch["rgb"].astype(np.float32) / 127.5 - 1.0  # the documented [-1, 1] map, written out
         x = torch.from_numpy(x).permute(0, 4, 1, 2, 3)
@@ -55,13 +56,13 @@ def test_rgb_only_equals_the_model_and_never_opens_flow_weights(rgb_only):
     np.testing.assert_array_equal(out["logits"], out["logits_rgb"])
 
 
-def test_two_streams_sum_logits_and_read_flow_as_quantised_or_pixels(two_stream):
+def test_two_streams_sum_logits_and_read_flow_as_quantised_or_pixels(weights, two_stream):
     predictor = two_stream
     batch = _batch(n=1)
     out = predictor(batch)
     assert out["flow"].shape == (1, 1024)
     np.testing.assert_allclose(out["logits"], out["logits_rgb"] + out["logits_flow"], rtol=1e-6, atol=1e-5)
-    flow_model = predictor.models["flow"]
+    flow_model = load_i3d("flow", weights["flow"])
     with torch.no_grad():
         expected = flow_model.features(conventions.flow_to_model(batch["flow"]))
     np.testing.assert_allclose(out["flow"], expected.numpy(), rtol=1e-5, atol=1e-5)
