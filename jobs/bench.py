@@ -9,8 +9,10 @@ import importlib
 BENCHMARKS: dict[str, str] = {
     "decode": "decode+resample+write frames/s against plain ffmpeg (the ceiling), per core",
     "shards": "shard compression and chunking: size, write speed, random 64-frame clip reads",
+    "flow": "TV-L1 pairs/s and EPE: ours (CPU, CUDA when present) against OpenCV DualTVL1, same frames",
     "i3d": "I3D clips/s and peak memory per batch size: eager fp32 (pytorch-i3d style) against our fast path",
     "extract": "end-to-end extraction: videos/s, video-seconds per wall-second, busy fraction of each stage",
+    "train": "training clips/s per device, fp32 against mixed precision, shard loader throughput against demand",
 }
 
 
