@@ -1,5 +1,5 @@
 """`quovadis bench NAME`: the benchmarks behind BENCHMARKS.md. Each lives in jobs/bench_<name>.py with
-add_arguments(parser) and run_bench(args) -> int, and prints a table with the device and the command."""
+add_arguments(parser) and run_bench(args), and prints a table with the device and the command."""
 
 from __future__ import annotations
 
