@@ -38,7 +38,7 @@ from pipeline.flow import FlowConfig
 from pipeline.decode import DecodeConfig, Segment
 from pipeline import manifest
 from pipeline.manifest import ManifestEntry
-from pipeline.shards import ShardConfig, record_unlisted_shards
+from pipeline.shards import COMPRESSIONS, ShardConfig, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=conventions.FPS, help="output frame rate (default 25)")
     p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE, help="resize shorter side to this; 0 keeps the size")
     p.add_argument("--shard-size", default="1G", help="target shard file size, e.g. 512M, 2G (default 1G)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default=ShardConfig().compression,
+                   help="shard compression (default none: fastest to write and read; lzf saves ~1/3 of the disk)")
     p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are split into segments of this length, decoded by different workers")
     p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
     p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0 (default: a GPU when present)")
@@ -91,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     decode = DecodeConfig(
         fps=args.fps, short_side=args.short_side, segment_frames=max(1, round(args.segment_seconds * args.fps))
     )
-    shards = dataclasses.replace(ShardConfig(), shard_size_bytes=parse_size(args.shard_size), flow_dtype=args.flow_dtype)
+    shards = ShardConfig(shard_size_bytes=parse_size(args.shard_size), compression=args.compression, flow_dtype=args.flow_dtype)
     flow = dataclasses.replace(FlowConfig(), backend=args.flow_backend, device=args.flow_device)
     return PreprocessConfig(
         out=str(Path(args.out).resolve()), streams=streams, decode=decode, shards=shards, flow=flow,
