@@ -387,13 +387,12 @@ _EAGER = _Kernels(_tvl1_step, _median_step, compiled=False)
 
 @functools.lru_cache(maxsize=2)
 def _compiled_kernels(device_type: str) -> _Kernels:
-    """torch.compile of the step, with dynamic shapes, so that one compilation serves every pyramid
-    level and batch size; on CUDA the median too (the min/max network becomes one kernel inside the
-    CUDA graph; on the CPU its eager form is as fast as compiled and compiles in no time).
-    The warp runs eagerly: once per warp, and compiled gathers were slower on the CPU."""
-    step = torch.compile(_tvl1_step, dynamic=True)
-    median = torch.compile(_median_step, dynamic=True) if device_type == "cuda" else _median_step
-    return _Kernels(step, median, compiled=True)
+    """torch.compile of the step and of the median (its min/max network becomes one loop: 3x faster
+    than eager on the CPU), with dynamic shapes, so that one compilation serves every pyramid level
+    and batch size. The warp stays eager: it runs once per warp, and compiled gathers were slower
+    on the CPU."""
+    del device_type  # one cache entry per device type: compiled code is per device anyway
+    return _Kernels(torch.compile(_tvl1_step, dynamic=True), torch.compile(_median_step, dynamic=True), compiled=True)
 
 
 _fast_failed: str | None = None  # why the automatic fast path fell back to eager in this process
