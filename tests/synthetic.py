@@ -56,7 +56,7 @@ def encode(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
     return path
 
 
-def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0,
+def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: int = 4, seed: int = 0,
                         size: int = 64, frames: int = 20) -> Path:  # fmt: skip
     """Videos under root/videos and root/labels.csv (`video,label,split`, paths relative to root).
 
@@ -86,7 +86,7 @@ def make_motion_dataset(root: Path, *, train_per_class: int = 4, val_per_class: 
 CLIP_LEN, CROP_SIZE = 16, 48
 FAST_FLOW = dict(nscales=3, warps=1, inner_iterations=10, outer_iterations=2)  # flow quality is not under test here
 TRAIN_SETTINGS = dict(
-    stream="flow", epochs=6, batch_size=4, lr=1e-3, optimizer="adam", weight_decay=0.0, clip_len=CLIP_LEN,
+    stream="flow", epochs=8, batch_size=4, lr=1e-3, optimizer="adam", weight_decay=0.0, clip_len=CLIP_LEN,
     crop_size=CROP_SIZE, flip=False, precise_bn=True, loader_workers=0, deterministic=True, seed=0,
 )
 _MEMO: dict[str, object] = {}

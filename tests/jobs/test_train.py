@@ -95,16 +95,16 @@ def test_flow_model_learns_motion_direction(work):
     history = metrics(run_dir)
     assert [m["epoch"] for m in history] == list(range(1, TRAIN_SETTINGS["epochs"] + 1))
     assert history[-1]["val_top1"] >= 0.9, history
-    assert history[-1]["val_videos"] == 8 and history[-1]["train_clips"] == 16
+    assert history[-1]["val_videos"] == 16 and history[-1]["train_clips"] == 16
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert cv2.imread(str(run_dir / "curves.png")) is not None
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
-    assert kept == ["epoch-0005.pt", "epoch-0006.pt"]  # --keep-checkpoints 2
-    state = load_state(run_dir / "checkpoints" / "epoch-0006.pt")
+    assert kept == ["epoch-0007.pt", "epoch-0008.pt"]  # --keep-checkpoints 2
+    state = load_state(run_dir / "checkpoints" / "epoch-0008.pt")
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "history"} <= state.keys()
     model, config = load_checkpoint(run_dir / "model.pt")
     assert config["stream"] == "flow" and config["classes"] == ["down", "left", "right", "up"]
-    assert (config["clip_len"], config["crop_size"], config["epoch"]) == (16, 48, 6)
+    assert (config["clip_len"], config["crop_size"], config["epoch"]) == (16, 48, 8)
     assert model.num_classes == 4 and model.in_channels == 2
     report = json.loads((run_dir / "report.json").read_text())
     assert report["extra"]["final"] == history[-1] and report["extra"]["workers"] == 1
@@ -130,7 +130,7 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(work):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its embedded Ray and its training worker
         proc.wait()
-    assert latest_checkpoint(out).name in ("epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt")
+    assert latest_checkpoint(out).name in ("epoch-0003.pt", "epoch-0004.pt", "epoch-0005.pt", "epoch-0006.pt", "epoch-0007.pt")
     assert proc.returncode == -signal.SIGKILL
 
     cfg = TrainConfig(data=str(shards), labels=str(labels_csv), out=str(out), **TRAIN_SETTINGS)
@@ -154,6 +154,6 @@ def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
     bad = labels_csv.with_name("bad_labels.csv")  # beside the videos: relative paths resolve
     bad.write_text(labels_csv.read_text().replace("videos/train_up_00.mp4", "videos/missing.mp4"))
     cfg = TrainConfig(data=str(shards), labels=str(bad), out=str(tmp_path / "run"), **TRAIN_SETTINGS)
-    with pytest.raises(ConfigError, match=r"1 of 24 labelled videos match no stored video .*'videos/missing.mp4'"):
+    with pytest.raises(ConfigError, match=r"1 of 32 labelled videos match no stored video .*'videos/missing.mp4'"):
         train(cfg)
     assert not (tmp_path / "run").exists()
