@@ -96,7 +96,7 @@ class ShardDataset(torch.utils.data.Dataset):
             if missing:
                 raise ConfigError(f"{self.shard_dir}: not stored (no ok manifest entry): {sorted(missing)[:5]}")
         self.entries: list[ManifestEntry] = []
-        for e in sorted(entries, key=lambda e: (e.shard, e.key)):
+        for e in sorted(entries, key=lambda e: e.input):  # independent of how preprocess packed shards
             if "flow" in self.streams and (e.frames < 2 or "flow" not in e.info.get("streams", ["flow"])):
                 log.warning("%s: skipped, no flow stored (%d frames)", e.input, e.frames)
                 continue
