@@ -29,6 +29,7 @@ once per outer iteration: the per-pair masks keep the stopping exact whenever it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -439,7 +440,7 @@ class _GraphedOuterIteration:
         self.active.copy_(active)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _graphed(shape: tuple[int, int, int, int], device: torch.device, cfg: FlowConfig) -> _GraphedOuterIteration:
     return _GraphedOuterIteration(shape, device, cfg, _compiled_kernels(device.type))
 
@@ -509,6 +510,7 @@ def _numeric(cfg: FlowConfig) -> FlowConfig:
 
 
 def _kernels_for(cfg: FlowConfig, device: torch.device) -> _Kernels:
+    """Eager when asked, or when the automatic fast path failed before in this process."""
     if cfg.fast is False or (cfg.fast is None and _fast_failed is not None):
         return _EAGER
     return _compiled_kernels(device.type)
@@ -533,14 +535,15 @@ def tvl1(prev: np.ndarray | torch.Tensor, next: np.ndarray | torch.Tensor, cfg: 
     i1 = _as_tensor_batch(next, "next", device)
     _check_pair_shapes(tuple(i0.shape), tuple(i1.shape))
     kernels = _kernels_for(cfg, device)
-    if kernels.compiled and cfg.fast is None:
-        try:
-            return _solve(i0, i1, cfg, kernels)
-        except torch._dynamo.exc.TorchDynamoException as e:  # no C++ compiler, no Triton, ...
-            _fast_failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            log.warning("flow: the compiled path failed (%s); this process uses the eager path", _fast_failed)
-            kernels = _EAGER
-    return _solve(i0, i1, cfg, kernels)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if kernels.compiled and cfg.fast is None:
+            try:
+                return _solve(i0, i1, cfg, kernels)
+            except torch._dynamo.exc.TorchDynamoException as e:  # no C++ compiler, no Triton, ...
+                _fast_failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                log.warning("flow: the compiled path failed (%s); this process uses the eager path", _fast_failed)
+                kernels = _EAGER
+        return _solve(i0, i1, cfg, kernels)
 
 
 def _solve(i0: torch.Tensor, i1: torch.Tensor, cfg: FlowConfig, kernels: _Kernels) -> torch.Tensor:
@@ -570,22 +573,35 @@ def _solve(i0: torch.Tensor, i1: torch.Tensor, cfg: FlowConfig, kernels: _Kernel
 
 def compute_flow(gray_frames: np.ndarray, cfg: FlowConfig = FlowConfig()) -> np.ndarray:
     """Flow between consecutive frames: uint8 (T, H, W) -> float32 (T-1, H, W, 2) pixels, (x, y),
-    field t from frame t to t+1; pairs are solved cfg.batch_pairs at a time with cfg.backend."""
+    field t from frame t to t+1; pairs are solved cfg.batch_pairs at a time with cfg.backend.
+
+    With CUDA graphs, a short batch is padded (repeating its last pair) to a power of two or to
+    batch_pairs, so that videos of any length reuse a few captured graphs.
+    """
     frames = np.asarray(gray_frames)
     if frames.ndim != 3:
         raise FlowError(f"compute_flow needs grayscale frames (T, H, W), got shape {frames.shape}")
     t, h, w = frames.shape
     out = np.empty((max(t - 1, 0), h, w, 2), np.float32)
     device = resolve_device(cfg) if cfg.backend == "torch" else None
+    graphs = device is not None and device.type == "cuda" and cfg.fast is not False
     for start in range(0, t - 1, cfg.batch_pairs):
         stop = min(start + cfg.batch_pairs, t - 1)
-        prev, nxt = frames[start:stop], frames[start + 1 : stop + 1]
         if cfg.backend == "opencv":
-            flow = tvl1_opencv(prev, nxt, cfg)
+            flow = tvl1_opencv(frames[start:stop], frames[start + 1 : stop + 1], cfg)
         else:
-            flow = tvl1(torch.from_numpy(np.ascontiguousarray(prev)).to(device), torch.from_numpy(np.ascontiguousarray(nxt)).to(device), cfg).cpu().numpy()
+            index = np.arange(start, stop)
+            if graphs:
+                index = np.concatenate([index, np.full(_graph_batch(len(index), cfg.batch_pairs) - len(index), stop - 1)])
+            pairs = torch.from_numpy(np.stack([frames[index], frames[index + 1]])).to(device)  # (2, B, H, W)
+            flow = tvl1(pairs[0], pairs[1], cfg)[: stop - start].cpu().numpy()
         out[start:stop] = flow.transpose(0, 2, 3, 1)
     return out
+
+
+def _graph_batch(n: int, limit: int) -> int:
+    """The batch size a batch of n pairs is padded to for CUDA graphs: the next power of two, at most limit."""
+    return min(1 << (n - 1).bit_length(), limit)
 
 
 class FlowPredictor:
