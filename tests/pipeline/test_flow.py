@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import subprocess
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -353,3 +354,27 @@ def test_cuda_flow_predictor():
     assert flow.shape == ref.shape == (5, 240, 320, 2)
     for t in range(5):
         assert endpoint_error(flow[t], ref[t]) < MAX_MEAN_DISTANCE_TO_OPENCV
+
+
+def test_automatic_fast_path_falls_back_to_eager_without_a_compiler(tmp_path):
+    """fast=None on a machine where torch.compile cannot build (no C++ compiler): a warning, then
+    the eager result."""
+    import os
+    import sys
+
+    code = (
+        "import logging, numpy as np, torch; torch.set_num_threads(1); logging.basicConfig(level=logging.WARNING)\n"
+        "from pipeline.flow import FlowConfig, tvl1\n"
+        "from tests.pipeline.test_flow import textured\n"
+        "prev, nxt = textured(40, 48), textured(40, 48, shift=(1.0, 0.5))\n"
+        "auto = tvl1(prev, nxt, FlowConfig(device='cpu'))\n"
+        "eager = tvl1(prev, nxt, FlowConfig(device='cpu', fast=False))\n"
+        "assert torch.equal(auto, eager)\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=str(Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fallback ok" in result.stdout
+    assert "compiled path failed" in result.stderr
