@@ -41,7 +41,7 @@ def test_two_stream_fusion(work, tmp_path):
     scores = json.loads(out_json.read_text())
     assert set(scores) == {"rgb", "flow", "fused"}
     for s in scores.values():
-        assert 0.0 <= s["top1"] <= s["top5"] <= 1.0 and s["videos"] == 16
+        assert 0.0 <= s["top1"] <= s["top5"] <= 1.0 and s["videos"] == 24
     assert report.extra["split"] == "val"  # no test split in the CSV: val is evaluated
 
     result = evaluate(EvaluateConfig(data=str(shards), labels=str(labels), rgb=args.rgb, flow=args.flow))
@@ -54,7 +54,7 @@ def test_two_stream_fusion(work, tmp_path):
     flow = np.array([result["logits"]["flow"][v] for v in videos])
     classes = result["classes"]
     y = np.array([classes.index(Path(v).name.split("_")[1]) for v in videos])
-    assert len(videos) == 16
+    assert len(videos) == 24
     assert scores["fused"]["top1"] == pytest.approx(topk_accuracy(rgb + flow, y, 1))
     assert scores["rgb"]["top1"] == pytest.approx(topk_accuracy(rgb, y, 1))
 

@@ -95,7 +95,7 @@ def test_flow_model_learns_motion_direction(work):
     history = metrics(run_dir)
     assert [m["epoch"] for m in history] == list(range(1, TRAIN_SETTINGS["epochs"] + 1))
     assert history[-1]["val_top1"] >= 0.9, history
-    assert history[-1]["val_videos"] == 16 and history[-1]["train_clips"] == 16
+    assert history[-1]["val_videos"] == 24 and history[-1]["train_clips"] == 32
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert cv2.imread(str(run_dir / "curves.png")) is not None
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
@@ -154,6 +154,6 @@ def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
     bad = labels_csv.with_name("bad_labels.csv")  # beside the videos: relative paths resolve
     bad.write_text(labels_csv.read_text().replace("videos/train_up_00.mp4", "videos/missing.mp4"))
     cfg = TrainConfig(data=str(shards), labels=str(bad), out=str(tmp_path / "run"), **TRAIN_SETTINGS)
-    with pytest.raises(ConfigError, match=r"1 of 32 labelled videos match no stored video .*'videos/missing.mp4'"):
+    with pytest.raises(ConfigError, match=r"1 of 56 labelled videos match no stored video .*'videos/missing.mp4'"):
         train(cfg)
     assert not (tmp_path / "run").exists()
