@@ -54,6 +54,8 @@ import torch
 
 from pipeline import conventions
 from pipeline.errors import ConfigError, ShardError
+from pipeline.manifest import append_lines
+from pipeline.shards import attr_value, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -151,26 +153,8 @@ def index_path(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def append_index(out_dir: str | os.PathLike[str], entries: Iterable[IndexEntry]) -> None:
-    """Append entries as lines and fsync (a torn line of a crash is closed with a newline first)."""
-    data = "".join(e.to_json() + "\n" for e in entries)
-    if not data:
-        return
-    path = index_path(out_dir)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                data = "\n" + data
-            raw = data.encode("ascii")
-            written = 0
-            while written < len(raw):
-                written += os.write(fd, raw[written:])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise ShardError(f"cannot append to feature index {path}: {e}") from e
+    """Append entries as lines and fsync (pipeline.manifest.append_lines)."""
+    append_lines(index_path(out_dir), [e.to_json() for e in entries])
 
 
 def load_index(out_dir: str | os.PathLike[str]) -> dict[str, IndexEntry]:
@@ -221,27 +205,11 @@ def next_feature_index(out_dir: Path) -> int:
     return max(found, default=-1) + 1
 
 
-def _attr(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
-    if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
-        return value
-    return json.dumps(value, default=str)
-
-
 def _entry(video: VideoFeatures, file: str) -> IndexEntry:
     info = {"fps": video.fps, "clip_len": video.clip_len, "streams": sorted(video.features, key=STREAMS.index)}
     info.update({k: v for k, v in video.attrs.items() if k in ("stride", "crop", "crop_size", "short_side", "model")})
     return IndexEntry(input=video.source_path, status="ok", file=file, key=video.key, clips=video.clips,
                       frames=video.frames, info=json.loads(json.dumps(info, default=str)))  # fmt: skip
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_hdf5(
@@ -268,8 +236,8 @@ def write_hdf5(
                 v.check()
                 g = f.create_group(v.key)
                 for name, value in v.attrs.items():
-                    g.attrs[name] = _attr(value)
-                g.attrs["source_path"] = _attr(v.source_path)
+                    g.attrs[name] = attr_value(value)
+                g.attrs["source_path"] = attr_value(v.source_path)
                 g.attrs["fps"] = float(v.fps)
                 g.attrs["frames"] = int(v.frames)
                 g.attrs["clips"] = int(v.clips)
@@ -282,9 +250,9 @@ def write_hdf5(
                 g.create_dataset("clip_start_frame", data=np.asarray(v.clip_start_frame, dtype=np.int64))
                 g.create_dataset("clip_start_s", data=v.clip_start_s)
                 g.create_dataset("clip_end_s", data=v.clip_end_s)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, final)
-        _fsync(out_dir, directory=True)
+        fsync_path(out_dir, directory=True)
     except (OSError, ValueError, TypeError) as e:
         tmp.unlink(missing_ok=True)
         raise ShardError(f"cannot write features {final}: {e}") from e
@@ -333,7 +301,7 @@ def write_npy(out_dir: Path, video: VideoFeatures, *, dtype: str = "float32") ->
         meta = paths["timestamps"].with_name(f"{video.key}_meta.json")
         meta.write_text(json.dumps({"source_path": video.source_path, "fps": video.fps, "frames": video.frames,
                                     "clip_len": video.clip_len, **video.attrs}, default=str, indent=1))  # fmt: skip
-        _fsync(Path(out_dir), directory=True)
+        fsync_path(Path(out_dir), directory=True)
     except OSError as e:
         raise ShardError(f"cannot write npy features of {video.source_path} in {out_dir}: {e}") from e
     entry = _entry(video, video.key)

@@ -98,30 +98,34 @@ def manifest_path(out_dir: Path) -> Path:
 
 
 def append(out_dir: Path, entries: Iterable[ManifestEntry]) -> None:
-    """Append entries as lines and fsync, so an entry that returned is on disk.
+    """Append entries as lines and fsync, so an entry that returned is on disk."""
+    append_lines(manifest_path(out_dir), [e.to_json() for e in entries])
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append ASCII JSON lines to `path` and fsync (the manifest and extract's feature index).
 
     A torn line left by an earlier crash is closed with a newline first, so it cannot swallow
-    the first new entry.
+    the first new line.
     """
-    lines = [e.to_json() + "\n" for e in entries]
     if not lines:
         return
-    path = manifest_path(out_dir)
+    data = "".join(line + "\n" for line in lines)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                lines.insert(0, "\n")
-            data = "".join(lines).encode("ascii")  # ensure_ascii: every line is plain ASCII
+                data = "\n" + data
+            raw = data.encode("ascii")  # ensure_ascii: every line is plain ASCII
             written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
+            while written < len(raw):
+                written += os.write(fd, raw[written:])
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
-        raise ShardError(f"cannot append to manifest {path}: {e}") from e
+        raise ShardError(f"cannot append to {path}: {e}") from e
 
 
 def load(out_dir: Path) -> dict[str, ManifestEntry]:

@@ -127,7 +127,7 @@ def list_shards(shard_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
     fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -135,7 +135,7 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _attr_value(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
     """A metadata value as an HDF5 attribute: scalars and strings as they are, the rest as JSON."""
     if isinstance(value, str):
         return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
@@ -257,8 +257,8 @@ class ShardWriter:
             group = shard.file.create_group(key)
             for name, value in metadata.items():
                 if name not in _RESERVED_ATTRS:
-                    group.attrs[name] = _attr_value(value)
-            group.attrs["source_path"] = _attr_value(str(source_path))
+                    group.attrs[name] = attr_value(value)
+            group.attrs["source_path"] = attr_value(str(source_path))
             group.attrs["fps"] = fps
             group.attrs["height"] = int(height)
             group.attrs["width"] = int(width)
@@ -457,9 +457,9 @@ class ShardWriter:
             if not videos:
                 shard.tmp_path.unlink()
                 return []
-            _fsync_path(shard.tmp_path)
+            fsync_path(shard.tmp_path)
             os.replace(shard.tmp_path, shard.final_path)
-            _fsync_path(self.out_dir, directory=True)
+            fsync_path(self.out_dir, directory=True)
         except OSError as e:
             raise ShardError(f"cannot finalise shard {shard.tmp_path}: {e}") from e
         entries = [
