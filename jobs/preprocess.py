@@ -128,10 +128,25 @@ def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
             log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo:
             init_ray(cfg.address)
-            _Scheduler(cfg, out, report).run(todo)
+            scheduler = _Scheduler(cfg, out, report)
+            scheduler.run(todo)
+            _settle(report, todo, manifest.load(out), scheduler.writer_error)
         report.finish()
-        report.write(out)
+        try:
+            report.write(out)
+        except OSError as e:  # a full disk must not hide the summary
+            log.error("cannot write %s/report.json: %s", out, e)
     return report
+
+
+def _settle(report: JobReport, todo: list[str], recorded: dict[str, ManifestEntry], writer_error: str | None) -> None:
+    """The manifest is the truth: a video is ok only once its shard is final and recorded, so a
+    video whose shard could not be finalised (e.g. a full disk) is reported failed."""
+    report.ok = [p for p in todo if (e := recorded.get(p)) is not None and e.status == "ok"]
+    report.frames = sum(recorded[p].frames or 0 for p in report.ok)
+    for path in todo:
+        if path not in report.ok and path not in report.failed:
+            report.failed[path] = f"{path}: not stored, its shard could not be finished: {writer_error or 'unknown'}"
 
 
 @dataclass
@@ -152,7 +167,8 @@ class _Scheduler:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.max_in_flight = max(2, cpus + 1)
-        self.writer = ray.remote(num_cpus=0)(_Writer).remote(str(out), cfg.shards, cfg.to_dict())
+        # restarted if it dies (its unfinished shard is then dropped and its videos fail)
+        self.writer = ray.remote(num_cpus=0, max_restarts=3)(_Writer).remote(str(out), cfg.shards, cfg.to_dict())
         self.flow_actors = []
         if "flow" in cfg.streams:
             on_gpu = gpus > 0 and (cfg.flow.device is None or cfg.flow.device.startswith("cuda"))
@@ -160,6 +176,7 @@ class _Scheduler:
             self.flow_actors = [ray.remote(**res)(_FlowActor).remote(cfg.flow) for _ in range(n)]
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
+        self.writer_error: str | None = None
 
     def run(self, todo: list[str]) -> None:
         probes = deque(_Video(p) for p in todo)
@@ -191,7 +208,11 @@ class _Scheduler:
                 progress.update(1)
                 rate = self.report.frames / max(time.monotonic() - started, 1e-9)
                 progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
-        ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
+        try:
+            ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
+        except Exception as e:
+            self.writer_error = _reason(self.cfg.out, e)
+            log.error("%s", self.writer_error)
         progress.close()
 
     def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
@@ -243,7 +264,10 @@ class _Scheduler:
         self.report.failed[video.path] = reason
         if video.path in self.report.ok:
             self.report.ok.remove(video.path)
-        manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
+        try:
+            manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
+        except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
+            log.error("%s", e)
 
 
 class _Writer:
@@ -325,6 +349,8 @@ def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, 
 
 def _reason(path: str, e: Exception) -> str:
     """One line naming the file and the cause, from a Ray task error or our own."""
+    if isinstance(e, ray.exceptions.ActorDiedError):
+        return f"{path}: a worker process of the job died (out of memory or disk?); its data was not kept"
     cause = getattr(e, "cause", None) or e
     lines = str(cause).strip().splitlines()
     text = lines[0] if isinstance(cause, QuovadisError) and lines else f"{type(cause).__name__}: {lines[-1] if lines else ''}"

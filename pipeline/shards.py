@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -416,6 +417,7 @@ class ShardWriter:
         return self._current
 
     def _write(self, video: _Video, stream: str, start: int, data: np.ndarray) -> None:
+        self._check_space(video, data.nbytes)
         if start < 0:
             raise ShardError(f"{video.source_path}: negative {stream} start {start}")
         if video.frames is not None:
@@ -430,6 +432,17 @@ class ShardWriter:
             raise ShardError(f"{video.shard.tmp_path}: cannot write {stream} of {video.source_path}: {e}") from e
         video.written[stream].add(start, stop)
         self._check_full(video.shard)
+
+    def _check_space(self, video: _Video, nbytes: int) -> None:
+        """Refuse a write the disk cannot take: HDF5 can abort the process on a full disk, losing
+        the open shard. Each open dataset may hold _WRITE_CACHE_BYTES not yet on disk."""
+        open_datasets = sum(len(v.streams) for v in self._videos.values())
+        free = shutil.disk_usage(self.out_dir).free
+        if free < nbytes + open_datasets * _WRITE_CACHE_BYTES:
+            raise ShardError(
+                f"{video.source_path}: No space left on device: {free / 2**20:.0f} MiB free in {self.out_dir}, "
+                f"{nbytes / 2**20:.1f} MiB to write plus {open_datasets * _WRITE_CACHE_BYTES / 2**20:.0f} MiB of write cache"
+            )
 
     def _check_full(self, shard: _Shard) -> None:
         """Full once the file reaches the target size. Between flushes (each end_video) the size

@@ -244,3 +244,30 @@ def test_shard_renamed_but_not_in_manifest_is_recorded_not_redone(ray_session, t
     assert report.ok == [] and sorted(report.skipped) == sorted(inputs)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")} == shards
     assert set(_read_all(out)) == set(inputs)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 48 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {done.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_fails_the_videos_keeps_what_was_written(ray_session, tmp_path, tiny_disk):
+    out = tiny_disk / "out"
+    first = make_video(tmp_path / "first.mp4", fps=25, duration=0.4, size=(128, 96))
+    assert preprocess([str(first)], _cfg(out, decode=DecodeConfig(short_side=96))).failed == {}
+    before = _read_all(out)[str(first)]["rgb"]
+
+    big = [str(make_video(tmp_path / f"big{i}.mp4", fps=25, duration=3.0, size=(320, 240))) for i in range(4)]
+    report = preprocess([str(first)] + big, _cfg(out, decode=DecodeConfig(short_side=240)))  # 4 x 17 MB
+    assert report.skipped == [str(first)] and set(report.ok) | set(report.failed) == set(big)
+    assert report.failed and all("No space left on device" in r for r in report.failed.values()), report.failed
+    stored = _read_all(out)
+    assert set(stored) == {str(first), *report.ok}
+    np.testing.assert_array_equal(stored[str(first)]["rgb"], before)  # nothing written is lost

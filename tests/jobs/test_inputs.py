@@ -1,0 +1,32 @@
+"""INPUT arguments: files, directories searched by extension, @list.txt."""
+
+from pathlib import Path
+
+import pytest
+
+from jobs.inputs import expand_inputs
+from pipeline.errors import ConfigError
+
+
+def test_files_directories_and_lists(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ["a/1.mp4", "a/deep/2.MKV", "a/notes.txt", "a/deep/3.webm", "b.avi"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "dir.mp4").mkdir()  # a directory named like a video is searched, not taken
+    listing = tmp_path / "list.txt"
+    listing.write_text("# videos\nb.avi\n\n/abs/missing.mp4\n")
+    got = expand_inputs([str(tmp_path / "a"), f"@{listing}", str(tmp_path / "b.avi"), str(tmp_path / "gone.mp4")])
+    assert got == [
+        str(tmp_path / "a/1.mp4"), str(tmp_path / "a/deep/2.MKV"), str(tmp_path / "a/deep/3.webm"),
+        str(tmp_path / "b.avi"), "/abs/missing.mp4", str(tmp_path / "gone.mp4"),
+    ]  # fmt: skip  (order kept, duplicates dropped, missing paths kept for the job to report)
+
+
+def test_video_named_directory_given_explicitly_is_kept_as_input(tmp_path):
+    (tmp_path / "dir.mp4").mkdir()
+    assert expand_inputs([str(tmp_path / "dir.mp4")]) == [str(tmp_path / "dir.mp4")]
+
+
+def test_unreadable_list_is_a_usage_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read input list"):
+        expand_inputs([f"@{tmp_path / 'nope.txt'}"])
