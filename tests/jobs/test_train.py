@@ -17,6 +17,7 @@ import torch
 
 from jobs.train import (
     TrainConfig,
+    build_model,
     epoch_order,
     latest_checkpoint,
     load_state,
@@ -25,8 +26,11 @@ from jobs.train import (
     train_dataset,
 )
 from jobs.labels import load_labels
-from models.weights import load_checkpoint
-from pipeline.errors import ConfigError
+from models.googlenet import GoogLeNetBN, read_googlenet
+from models.inflate import i3d_from_googlenet
+from models.weights import load_checkpoint, load_i3d, save_checkpoint
+from pipeline.errors import ConfigError, WeightsError
+from tests.conftest import shared_path
 from tests.synthetic import TRAIN_SETTINGS, motion_shards, trained_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,3 +161,37 @@ def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
     with pytest.raises(ConfigError, match=r"1 of 56 labelled videos match no stored video .*'videos/missing.mp4'"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def _init_cfg(tmp_path: Path, stream: str, init: str) -> TrainConfig:
+    return TrainConfig(data=str(tmp_path), labels=str(tmp_path / "labels.csv"), stream=stream, out=str(tmp_path / "run"),
+                       init=init)  # fmt: skip
+
+
+def test_init_from_pytorch_i3d_weights_keeps_all_but_the_classifier(tmp_path):
+    weights = shared_path("i3d", "flow_random_init.pt")
+    model = build_model(_init_cfg(tmp_path, "flow", str(weights)), num_classes=4)
+    reference = load_i3d("flow", weights).state_dict()
+    got = model.state_dict()
+    assert model.num_classes == 4 and got["logits.conv3d.weight"].shape[0] == 4
+    for name, tensor in reference.items():
+        if not name.startswith("logits."):
+            assert torch.equal(got[name], tensor), name
+
+
+def test_init_from_our_checkpoint_and_from_inflated_googlenet(tmp_path):
+    torch.manual_seed(0)
+    googlenet = GoogLeNetBN(num_classes=1000)
+    torch.save(googlenet.state_dict(), tmp_path / "googlenet_bn.pt")
+    inflated = build_model(_init_cfg(tmp_path, "rgb", f"inflate:{tmp_path / 'googlenet_bn.pt'}"), num_classes=5)
+    expected = i3d_from_googlenet(read_googlenet(tmp_path / "googlenet_bn.pt"), in_channels=3)
+    for name, tensor in inflated.state_dict().items():
+        if not name.startswith("logits."):
+            assert torch.equal(tensor, expected[name]), name
+    assert inflated.num_classes == 5
+
+    save_checkpoint(tmp_path / "ft.pt", inflated, {"stream": "rgb"})
+    again = build_model(_init_cfg(tmp_path, "rgb", str(tmp_path / "ft.pt")), num_classes=5)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), inflated.state_dict().values()))
+    with pytest.raises(WeightsError, match="not a flow I3D"):
+        build_model(_init_cfg(tmp_path, "flow", str(tmp_path / "ft.pt")), num_classes=5)
