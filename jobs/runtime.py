@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import LockError
+from pipeline.errors import LockError, QuovadisError
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs: dict = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
     if address:
-        ray.init(address=address, **kwargs)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError) as e:
+            cause = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Ray's token-authentication hint
+            raise QuovadisError(f"cannot join the Ray cluster at {address}: {cause}") from e
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens at (ray.init would retry for minutes)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address)
+    if m is None:
+        return  # "auto" and other forms are Ray's to resolve
+    try:
+        socket.create_connection((m[1], int(m[2])), timeout=timeout_s).close()
+    except OSError as e:
+        raise QuovadisError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from e
 
 
 @contextmanager
