@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
-
-import torch
 
 from jobs.report import JobReport
 from models.googlenet import read_googlenet
 from models.inflate import INFLATE_MODES, i3d_from_googlenet
-from models.weights import sha256_of
-from pipeline.errors import ConfigError, WeightsError
+from models.weights import save_atomic, sha256_of
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +42,7 @@ def run(args: argparse.Namespace) -> JobReport:
         "source": str(args.source), "out": str(out), "mode": args.mode, "in_channels": args.in_channels,
     })
     state_dict = i3d_from_googlenet(read_googlenet(args.source), mode=args.mode, in_channels=args.in_channels)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        torch.save(state_dict, tmp)
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WeightsError(f"cannot write {out}: {e.strerror or e}") from e
+    save_atomic(state_dict, out)
     report.ok.append(str(args.source))
     report.extra = {
         "num_classes": int(state_dict["logits.conv3d.weight"].shape[0]),

@@ -236,14 +236,19 @@ def save_checkpoint(path: str | os.PathLike, model: InceptionI3d | TwoStreamI3D,
         },
         "config": config,
     }
+    return save_atomic(payload, path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save under a temporary name, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise WeightsError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+        raise WeightsError(f"cannot write {path}: {e.strerror or e}") from e
     return path
 
 

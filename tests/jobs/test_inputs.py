@@ -1,7 +1,5 @@
 """INPUT arguments: files, directories searched by extension, @list.txt."""
 
-from pathlib import Path
-
 import pytest
 
 from jobs.inputs import expand_inputs

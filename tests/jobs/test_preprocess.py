@@ -22,7 +22,6 @@ from pipeline import manifest
 from pipeline.conventions import dequantize_flow
 from pipeline.decode import DecodeConfig
 from pipeline.flow import FlowConfig
-from pipeline.shards import ShardConfig
 from tests.conftest import REPO, shared_path
 from tests.videos import make_audio_only, make_video, make_zero_frame_video
 
