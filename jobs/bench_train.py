@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jobs.evaluate import PRECISIONS, autocast
+from models.fast import PRECISIONS, autocast
 from models.i3d import InceptionI3d
 from models.weights import IN_CHANNELS
 from pipeline import conventions

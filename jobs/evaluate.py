@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,13 @@ import torch
 
 from jobs.labels import LabelledVideo, load_labels
 from jobs.report import JobReport
+from models.fast import autocast
 from models.i3d import InceptionI3d
 from models.weights import load_checkpoint
 from pipeline.dataset import ShardDataset
 from pipeline.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed-precision context for `precision` (fp32: none)."""
-    dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Fraction of rows whose label is among the k largest logits (k capped at the class count)."""

@@ -45,10 +45,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.evaluate import PRECISIONS, autocast, eval_dataset, topk_accuracy, video_logits
+from jobs.evaluate import eval_dataset, topk_accuracy, video_logits
 from jobs.labels import LabelledVideo, load_labels
 from jobs.report import JobReport
 from jobs.runtime import init_ray, out_dir_lock
+from models.fast import PRECISIONS, autocast
 from models.i3d import InceptionI3d
 from models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_checkpoint
 from pipeline import conventions

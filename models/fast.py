@@ -24,6 +24,7 @@ from models.i3d import InceptionI3d, Unit3D
 from pipeline.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision name -> DTYPES name
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
@@ -46,6 +47,12 @@ class InferenceConfig:
 
 
 EAGER_FP32 = InferenceConfig(dtype="float32", channels_last=False, fold_bn=False, cudnn_benchmark=False)
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` (a DTYPES or --precision name); float32 runs without autocast."""
+    name = PRECISIONS.get(dtype, dtype)
+    return contextlib.nullcontext() if name == "float32" else torch.autocast(device.type, dtype=DTYPES[name])
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -88,17 +95,12 @@ class FastI3D(nn.Module):
         fn = m.features_and_logits
         self._run = fn if cfg.compile == "none" else torch.compile(fn, mode=None if cfg.compile == "default" else cfg.compile)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.dtype])
-
     @torch.inference_mode()
     def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = clips.to(self.device, torch.float32, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with self.autocast():
+        with autocast(self.device, self.cfg.dtype):
             features, logits = self._run(x)
         # copies: CUDA-graph outputs are overwritten by the next call
         return features.to(torch.float32, copy=True), logits.to(torch.float32, copy=True)

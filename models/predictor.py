@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.fast import FastI3D, InferenceConfig
+from models.fast import PRECISIONS, FastI3D, InferenceConfig
 from models.weights import STREAMS, load_i3d
 from pipeline import conventions
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision -> autocast dtype
 
 
 @dataclass(frozen=True)
