@@ -46,7 +46,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import h5py
 import numpy as np
@@ -54,7 +54,7 @@ import torch
 
 from pipeline import conventions
 from pipeline.errors import ConfigError, ShardError
-from pipeline.manifest import append_lines
+from pipeline.manifest import Status, append_lines, load_lines
 from pipeline.shards import attr_value, fsync_path
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ FEATURE_PATTERN = re.compile(r"^features-(\d{5,})\.h5$")
 TMP_SUFFIX = ".tmp"
 STREAMS = ("rgb", "flow")
 LOGIT_NAMES = ("logits_rgb", "logits_flow", "logits")
-
-Status = Literal["ok", "failed"]
 
 
 def clip_times(starts: np.ndarray, clip_len: int, frames: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -159,25 +157,7 @@ def append_index(out_dir: str | os.PathLike[str], entries: Iterable[IndexEntry])
 
 def load_index(out_dir: str | os.PathLike[str]) -> dict[str, IndexEntry]:
     """The latest entry per input; lines that do not parse (a torn tail) are skipped with a warning."""
-    path = index_path(out_dir)
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise ShardError(f"cannot read feature index {path}: {e}") from e
-    entries: dict[str, IndexEntry] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            entry = IndexEntry(**{k: data.get(k) for k in IndexEntry.__dataclass_fields__ if k in data})
-        except (ValueError, TypeError, ShardError) as e:
-            log.warning("%s line %d is not an index entry (torn write?), skipped: %s", path, number, e)
-            continue
-        entries[entry.input] = entry
-    return entries
+    return load_lines(index_path(out_dir), lambda data: IndexEntry(**{k: data[k] for k in IndexEntry.__dataclass_fields__ if k in data}))
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pipeline.errors import ShardError
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.jsonl"
 
 Status = Literal["ok", "failed"]
+Entry = TypeVar("Entry")
 
 
 @dataclass(frozen=True)
@@ -133,21 +134,26 @@ def load(out_dir: Path) -> dict[str, ManifestEntry]:
 
     A directory without a manifest has no entries.
     """
-    path = manifest_path(out_dir)
-    entries: dict[str, ManifestEntry] = {}
+    return load_lines(manifest_path(out_dir), ManifestEntry.from_dict)
+
+
+def load_lines(path: Path, parse: Callable[[dict[str, Any]], Entry]) -> dict[str, Entry]:
+    """{input: latest entry} of a JSON-lines file written by `append_lines` (the manifest and
+    extract's feature index); a line that does not parse (a torn tail) is skipped with a warning."""
+    entries: dict[str, Entry] = {}
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return entries
     except OSError as e:
-        raise ShardError(f"cannot read manifest {path}: {e}") from e
+        raise ShardError(f"cannot read {path}: {e}") from e
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            entry = ManifestEntry.from_dict(json.loads(line))
+            entry = parse(json.loads(line))
         except (ValueError, KeyError, TypeError, ShardError) as e:
-            log.warning("%s line %d is not a manifest entry (torn write?), skipped: %s", path, number, e)
+            log.warning("%s line %d is not an entry (torn write?), skipped: %s", path, number, e)
             continue
         entries[entry.input] = entry
     return entries
