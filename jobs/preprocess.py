@@ -35,10 +35,10 @@ from jobs.runtime import init_ray, out_dir_lock
 from pipeline import conventions
 from pipeline.errors import ConfigError, QuovadisError
 from pipeline.flow import FlowConfig
-from pipeline.decode import DecodeConfig, Segment
+from pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
 from pipeline import manifest
 from pipeline.manifest import ManifestEntry
-from pipeline.shards import COMPRESSIONS, ShardConfig, record_unlisted_shards
+from pipeline.shards import COMPRESSIONS, ShardConfig, ShardWriter, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,14 @@ class _Scheduler:
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
         self.writer_error: str | None = None
+        self.frames_done = 0  # for the progress bar; the report is settled from the manifest
+        self.progress: tqdm | None = None
+        self.started = time.monotonic()
 
     def run(self, todo: list[str]) -> None:
         probes = deque(_Video(p) for p in todo)
         segments: deque[tuple[_Video, Segment]] = deque()
-        progress = tqdm(total=len(todo), unit="video", desc="preprocess", disable=None)
-        started = time.monotonic()
+        self.progress = tqdm(total=len(todo), unit="video", desc="preprocess", disable=None)
         while probes or segments or self.in_flight:
             while len(self.in_flight) < self.max_in_flight and (segments or probes):
                 if segments:
@@ -193,7 +195,6 @@ class _Scheduler:
                     self.in_flight[_probe.remote(video.path)] = ("probe", video, None)
             [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
             kind, video, seg = self.in_flight.pop(ref)
-            was_open = video.error is None
             try:
                 result = ray.get(ref)
                 if kind == "probe":
@@ -204,20 +205,19 @@ class _Scheduler:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
                 self._fail(video, _reason(video.path, e))
-            if was_open and (video.error is not None or len(video.frames) == len(video.segments) > 0):
-                progress.update(1)
-                rate = self.report.frames / max(time.monotonic() - started, 1e-9)
-                progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
         try:
             ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
         except Exception as e:
             self.writer_error = _reason(self.cfg.out, e)
             log.error("%s", self.writer_error)
-        progress.close()
+        self.progress.close()
+
+    def _video_done(self) -> None:
+        self.progress.update(1)
+        rate = self.frames_done / max(time.monotonic() - self.started, 1e-9)
+        self.progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
 
     def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
-        from pipeline.decode import output_size, plan_segments
-
         video.info = info
         height, width = output_size(info, self.cfg.decode)
         expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
@@ -247,9 +247,9 @@ class _Scheduler:
                 self._fail(video, f"{video.path}: stream ended at frame {seg.start + count}, before its container's duration")
                 return
         frames = video.segments[-1].start + counts[-1]
-        self.report.frames += frames
-        self.report.ok.append(video.path)
         ray.get(self.writer.end_video.remote(video.key, frames))
+        self.frames_done += frames
+        self._video_done()
 
     def _fail(self, video: _Video, reason: str) -> None:
         if video.error is not None:
@@ -262,20 +262,17 @@ class _Scheduler:
             except Exception as e:
                 log.warning("could not drop the partial data of %s", _reason(video.path, e))
         self.report.failed[video.path] = reason
-        if video.path in self.report.ok:
-            self.report.ok.remove(video.path)
         try:
             manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
         except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
             log.error("%s", e)
+        self._video_done()
 
 
 class _Writer:
     """The one process that writes shards (h5py is single-writer): a thin actor over ShardWriter."""
 
     def __init__(self, out_dir: str, cfg: ShardConfig, job_config: dict) -> None:
-        from pipeline.shards import ShardWriter
-
         self.writer = ShardWriter(Path(out_dir), cfg, job_config)
 
     def begin_video(self, *args, **kwargs) -> str:
@@ -324,8 +321,6 @@ def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, 
     With flow, one frame past the segment's end is decoded so that the flow fields at the border
     (seg.end-1 -> seg.end) are the ones an unsplit run computes.
     """
-    from pipeline.decode import iter_frames
-
     end = seg.end + 1 if (flow_actor is not None and seg.end is not None) else seg.end
     count = 0
     previous = None  # last frame of the previous chunk: the first frame of the next flow pair
