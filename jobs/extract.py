@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from jobs.inputs import expand_inputs
 from jobs.preprocess import PreprocessConfig, parse_size, preprocess
-from jobs.report import JobReport
+from jobs.report import JobReport, failure_reason
 from jobs.runtime import init_ray, out_dir_lock
 from models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
 from models.weights import resolve_weights, sha256_of
@@ -217,10 +217,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
         features.remove_orphans(out, recorded)
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
-        todo = []
-        for path in videos:
-            if not _already(path, recorded, cfg, report):
-                todo.append(path)
+        todo = [p for p in videos if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
         stored: list[tuple[str, ManifestEntry]] = []  # (shard dir, entry) of shard-directory inputs
         seen = set(videos)
         for d in shard_dirs:
@@ -228,7 +225,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
                 if entry.status != "ok" or entry.input in seen:
                     continue
                 seen.add(entry.input)
-                if not _already(entry.input, recorded, cfg, report):
+                if not report.skip_if_done(entry.input, recorded.get(entry.input), cfg.retry_failed):
                     stored.append((d, entry))
         if report.skipped:
             log.info("%d inputs already in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
@@ -246,16 +243,6 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
         report.finish()
         report.write(out)
     return report
-
-
-def _already(path: str, recorded: dict[str, features.IndexEntry], cfg: ExtractConfig, report: JobReport) -> bool:
-    entry = recorded.get(path)
-    if entry is None or (entry.status == "failed" and cfg.retry_failed):
-        return False
-    report.skipped.append(path)
-    if entry.status == "failed":
-        report.failed[path] = entry.reason or "failed in an earlier run"
-    return True
 
 
 def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path]) -> dict[str, Any]:
@@ -444,7 +431,7 @@ class _FeatureStage:
         except Exception as e:
             for a in self.actors:
                 ray.kill(a)
-            raise QuovadisError(f"the I3D predictor could not start: {_reason(e)}") from e
+            raise QuovadisError(f"the I3D predictor could not start: {failure_reason(e)}") from e
         self.in_flight: dict[Any, tuple[int, list[_ClipRequest]]] = {}
         self.per_actor = [0] * n
         self.max_per_actor = _BATCHES_PER_ACTOR * (2 if gpus > 0 else 1)  # a GPU drains faster than loaders fill
@@ -565,10 +552,9 @@ class _FeatureStage:
         try:
             result = ray.get(ref)
         except Exception as e:  # a batch's failure fails its videos, never the job
-            reason = _reason(e)
             for clip in batch:
                 video = self.clips[clip.clip_id]
-                self._fail(video, f"{video.input}: {reason}")
+                self._fail(video, failure_reason(e, video.input))
             return
         self.busy["i3d_s"] += result.get("busy_s", 0.0)
         self.busy["load_s"] += result.get("load_s", 0.0)
@@ -717,9 +703,3 @@ def _load_clips(batch: list[_ClipRequest], streams: tuple[str, ...], clip_len: i
             out[s] = np.stack(rows[s])
     out["load_s"] = time.perf_counter() - started
     return out
-
-
-def _reason(e: Exception) -> str:
-    cause = getattr(e, "cause", None) or e
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"

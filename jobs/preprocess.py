@@ -30,7 +30,7 @@ import ray
 from tqdm import tqdm
 
 from jobs.inputs import expand_inputs
-from jobs.report import JobReport
+from jobs.report import JobReport, failure_reason
 from jobs.runtime import init_ray, out_dir_lock
 from pipeline import conventions
 from pipeline.errors import ConfigError, QuovadisError
@@ -115,15 +115,7 @@ def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
     with out_dir_lock(out):
         record_unlisted_shards(out)
         recorded = manifest.load(out)
-        todo = []
-        for path in inputs:
-            entry = recorded.get(path)
-            if entry is not None and (entry.status == "ok" or not cfg.retry_failed):
-                report.skipped.append(path)
-                if entry.status == "failed":
-                    report.failed[path] = entry.reason or "failed in an earlier run"
-            else:
-                todo.append(path)
+        todo = [p for p in inputs if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
         if report.skipped:
             log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo:
@@ -204,11 +196,11 @@ class _Scheduler:
                     if len(video.frames) == len(video.segments) and video.error is None:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
-                self._fail(video, _reason(video.path, e))
+                self._fail(video, failure_reason(e, video.path))
         try:
             ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
         except Exception as e:
-            self.writer_error = _reason(self.cfg.out, e)
+            self.writer_error = failure_reason(e, self.cfg.out)
             log.error("%s", self.writer_error)
         self.progress.close()
 
@@ -260,7 +252,7 @@ class _Scheduler:
             try:
                 ray.get(self.writer.abort_video.remote(video.key))
             except Exception as e:
-                log.warning("could not drop the partial data of %s", _reason(video.path, e))
+                log.warning("could not drop the partial data of %s", failure_reason(e, video.path))
         self.report.failed[video.path] = reason
         try:
             manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
@@ -340,13 +332,3 @@ def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, 
             previous = chunk.frames[-1]
     ray.get(pending)
     return count
-
-
-def _reason(path: str, e: Exception) -> str:
-    """One line naming the file and the cause, from a Ray task error or our own."""
-    if isinstance(e, ray.exceptions.ActorDiedError):
-        return f"{path}: a worker process of the job died (out of memory or disk?); its data was not kept"
-    cause = getattr(e, "cause", None) or e
-    lines = str(cause).strip().splitlines()
-    text = lines[0] if isinstance(cause, QuovadisError) and lines else f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-    return text if text.startswith(path) else f"{path}: {text}"

@@ -7,9 +7,20 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import ray.exceptions
+
+from pipeline.errors import QuovadisError
 
 REPORT_NAME = "report.json"
+
+
+class _Recorded(Protocol):
+    """What an earlier run recorded for an input (a manifest or feature-index entry)."""
+
+    status: str
+    reason: str | None
 
 
 @dataclass
@@ -24,6 +35,16 @@ class JobReport:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     _started: float = field(default_factory=time.monotonic, repr=False)
+
+    def skip_if_done(self, path: str, recorded: _Recorded | None, retry_failed: bool) -> bool:
+        """True, and `path` noted as skipped, when an earlier run did it: recorded ok, or recorded
+        failed and not to be retried (--retry-failed); its reason then stays in `failed`."""
+        if recorded is None or (recorded.status == "failed" and retry_failed):
+            return False
+        self.skipped.append(path)
+        if recorded.status == "failed":
+            self.failed[path] = recorded.reason or "failed in an earlier run"
+        return True
 
     def finish(self) -> None:
         self.seconds = time.monotonic() - self._started
@@ -53,3 +74,18 @@ class JobReport:
         tmp.write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def failure_reason(e: BaseException, path: str | None = None) -> str:
+    """One line naming the cause of a per-input failure (a Ray task error is unwrapped), starting
+    with `path` when given."""
+    if isinstance(e, ray.exceptions.ActorDiedError):
+        text = "a worker process of the job died (out of memory or disk?); its data was not kept"
+    else:
+        cause = getattr(e, "cause", None) or e
+        lines = str(cause).strip().splitlines()
+        if isinstance(cause, QuovadisError) and lines:
+            text = lines[0]
+        else:
+            text = f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+    return text if path is None or text.startswith(path) else f"{path}: {text}"
