@@ -350,6 +350,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    # results are bit-exact only for the same thread count (a resume on another machine may differ)
+    log.info("rank %d of %d on %s, %d torch threads", rank, world, device, torch.get_num_threads())
     torch.manual_seed(_seed(cfg.seed, -1, rank))  # model initialisation: same on every rank
 
     label_of = {v.input: v.label for v in train_videos}
