@@ -217,8 +217,10 @@ class ShardWriter:
         for leftover in self.out_dir.glob(f"shard-*.h5{TMP_SUFFIX}"):
             log.warning("removing %s left by an interrupted run", leftover)
             leftover.unlink()
-        existing = [int(SHARD_PATTERN.match(p.name).group(1)) for p in list_shards(self.out_dir)]
-        self._next_index = max(existing, default=-1) + 1
+        # never reuse the name of a shard the manifest still points at, even one deleted since
+        # (extract deletes its intermediate shards once their features are written)
+        names = [p.name for p in list_shards(self.out_dir)] + [e.shard for e in manifest_load(self.out_dir).values() if e.shard]
+        self._next_index = max((int(m[1]) for n in names if (m := SHARD_PATTERN.match(n))), default=-1) + 1
         self._shards: list[_Shard] = []
         self._current: _Shard | None = None
         self._videos: dict[str, _Video] = {}

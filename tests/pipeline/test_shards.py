@@ -276,6 +276,23 @@ def test_killed_writer_leaves_only_tmp_which_the_next_writer_removes(tmp_path):
     assert manifest.load(tmp_path)["/v/killed.mp4"].shard == "shard-00001.h5"
 
 
+def test_a_deleted_shard_that_the_manifest_names_is_never_renamed_onto(tmp_path):
+    """extract deletes intermediate shards once used; a later writer must not reuse their names,
+    or the manifest's old entries would point at the new file."""
+    with ShardWriter(tmp_path, ShardConfig(), {}) as w:
+        k = begin(w, "/v/used.mp4", 2)
+        w.write_rgb(k, 0, frames_of(2, 0))
+        w.end_video(k, 2)
+    (tmp_path / "shard-00000.h5").unlink()
+    with ShardWriter(tmp_path, ShardConfig(), {}) as w:
+        k = begin(w, "/v/new.mp4", 2)
+        w.write_rgb(k, 0, frames_of(2, 1))
+        w.end_video(k, 2)
+    entries = manifest.load(tmp_path)
+    assert entries["/v/used.mp4"].shard == "shard-00000.h5" and entries["/v/new.mp4"].shard == "shard-00001.h5"
+    assert [p.name for p in list_shards(tmp_path)] == ["shard-00001.h5"]
+
+
 def test_undecodable_source_path_is_stored_readably(tmp_path):
     odd = "/v/" + os.fsdecode(b"\xffname.mp4")
     with ShardWriter(tmp_path, ShardConfig(), {}) as w:
