@@ -11,9 +11,15 @@ driver watches that directory for shards renamed to their final name (a final sh
 pipeline/shards.py) and queues their clips. Shard directories given as inputs skip decoding.
 Clips of all queued videos are batched together (--batch-size) per frame size; each batch is read
 by a loader task (uint8 from the shard, cropped) and run by a predictor actor, one per GPU
-(num_gpus=1), or one CPU actor holding no CPU slot of its own when there is no GPU, so the decode
-tasks and flow actor of preprocess always get theirs. At most two batches per actor are in flight
-(memory is bounded by --batch-size and --shard-size, not by video length or archive size).
+(num_gpus=1, or 0.5 when preprocess puts a flow actor on the same GPU), or one CPU actor holding
+no CPU slot of its own when there is no GPU, so the decode tasks and flow actor of preprocess
+always get theirs.
+
+Bounds: at most two batches per actor are in flight; preprocess starts no new video while two
+final shards per actor wait for I3D, so the intermediate shards on disk stay within a few
+--shard-size whatever the archive's size; a shard's features leave the driver's memory once
+written. A video is stored whole in one shard, so one very long video is the exception: its
+shard, its clip list and its features grow with its length.
 
 Clips: `conventions.clip_starts` (every video with >= 1 frame has >= 1 clip; a last clip running
 past the end loops its own frames, `conventions.clip_frame_indices`); flow fields follow
@@ -47,7 +53,7 @@ import ray
 from tqdm import tqdm
 
 from jobs.inputs import expand_inputs
-from jobs.preprocess import PreprocessConfig, parse_size, preprocess
+from jobs.preprocess import PreprocessConfig, flow_on_gpu, parse_size, preprocess
 from jobs.report import JobReport, failure_reason
 from jobs.runtime import init_ray, out_dir_lock
 from models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
@@ -67,6 +73,8 @@ SHARDS_DIR = "shards"
 MODEL_NAME = "i3d-inception-v1"  # models.i3d.InceptionI3d, the kinetics-i3d network
 _POLL_S = 0.2  # how often the driver looks for new shards while waiting
 _BATCHES_PER_ACTOR = 2  # in flight per CPU predictor actor: one running, one loaded and waiting (x2 on a GPU)
+_GPU_SHARE_BESIDE_FLOW = 0.5  # each GPU holds an I3D actor and a flow actor when this job computes flow
+_WAITING_SHARDS_PER_ACTOR = 2  # final intermediate shards waiting for I3D before preprocess pauses
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
             attrs = _common_attrs(cfg, weights)
             if labels is not None and cfg.format == "npy":
                 features.write_labels(out, labels)
-            stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, decoding=bool(todo))
+            stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, decoding=bool(todo), recorded=recorded)
             try:
                 _run(cfg, out, todo, stored, stage, report)
             finally:
@@ -270,27 +278,36 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
     pre_cfg = PreprocessConfig(
         out=str(shards_dir), streams=("rgb", "flow") if "flow" in cfg.streams else ("rgb",), decode=cfg.decode,
         shards=cfg.shards, flow=cfg.flow, retry_failed=cfg.retry_failed, address=cfg.address,
+        flow_gpu_share=_gpu_share(cfg, decoding=True),
     )  # fmt: skip
     result: dict[str, Any] = {}
+    stopped = threading.Event()
+
+    def wait_for_room() -> None:  # in the preprocess thread, before it starts a video
+        while not stopped.is_set() and stage.waiting_shards() >= stage.max_waiting_shards:
+            time.sleep(_POLL_S)
 
     def decode() -> None:
         try:
-            result["report"] = preprocess(todo, pre_cfg)
+            result["report"] = preprocess(todo, pre_cfg, before_video=wait_for_room)
         except BaseException as e:  # re-raised in the driver's thread below
             result["error"] = e
 
     thread = threading.Thread(target=decode, name="quovadis-preprocess", daemon=True)
     thread.start()
     seen: set[str] = set()
-    while True:
-        finished = not thread.is_alive()
-        new = [p for p in list_shards(shards_dir) if p.name not in seen] if shards_dir.is_dir() else []
-        for path in new:
-            seen.add(path.name)
-            stage.add_shard(path, _wanted_videos(path, wanted), owned=True)
-        if finished and not new:
-            break
-        stage.pump(timeout=_POLL_S)
+    try:
+        while True:
+            finished = not thread.is_alive()
+            new = [p for p in list_shards(shards_dir) if p.name not in seen] if shards_dir.is_dir() else []
+            for path in new:
+                seen.add(path.name)
+                stage.add_shard(path, _wanted_videos(path, wanted), owned=True)
+            if finished and not new:
+                break
+            stage.pump(timeout=_POLL_S)
+    finally:
+        stopped.set()  # a failing driver must not leave preprocess waiting for room
     if "error" in result:
         raise result["error"]
     stage.drain()
@@ -301,6 +318,14 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
     for path in todo:  # a safety net: every input ends ok or failed
         if path not in report.ok and path not in report.failed:
             stage.fail_input(path, f"{path}: decoded but no frames reached a shard (see {shards_dir}/report.json)")
+
+
+def _gpu_share(cfg: ExtractConfig, decoding: bool) -> float:
+    """GPUs per I3D actor (and per flow actor): a whole one, or half of one when preprocess puts a
+    flow actor on each GPU too (two actors of one GPU each would leave the flow actors unplaced)."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    shared = decoding and "flow" in cfg.streams and flow_on_gpu(cfg.flow, gpus)
+    return _GPU_SHARE_BESIDE_FLOW if shared else 1.0
 
 
 def _group_by_shard(stored) -> dict[str, dict[str, list[ManifestEntry]]]:
@@ -363,10 +388,11 @@ class _VideoJob:
     done: int = 0
     error: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    planned: bool = False  # its clips are queued (until then it has none and is not finished)
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or self.done == len(self.starts)
+        return self.error is not None or (self.planned and self.done == len(self.starts))
 
 
 @dataclass
@@ -415,12 +441,15 @@ class _FeatureStage:
     """Clips of queued shards -> loader tasks -> predictor actors -> feature files (in the driver)."""
 
     def __init__(self, cfg: ExtractConfig, pcfg: PredictorConfig, out: Path, report: JobReport,
-                 attrs: dict[str, Any], labels: list[str] | None, decoding: bool) -> None:  # fmt: skip
+                 attrs: dict[str, Any], labels: list[str] | None, decoding: bool,
+                 recorded: dict[str, features.IndexEntry]) -> None:  # fmt: skip
         self.cfg, self.out, self.report, self.attrs, self.labels = cfg, out, report, attrs, labels
+        self.indexed = {video_key(p) for p in recorded}  # keys with an index line: their shards may go
         cpus = float(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus > 0:
-            n, options, all_cores = gpus, {"num_gpus": 1, "num_cpus": 1}, False
+            # no CPU slot: its CPU work is small, and slots held by GPU actors could starve decoding
+            n, options, all_cores = gpus, {"num_gpus": _gpu_share(cfg, decoding), "num_cpus": 0}, False
         else:  # leave the decode task (and a flow actor) their CPU slots: never stall preprocess
             reserved = (1.0 if decoding else 0.0) + (min(1.0, cpus / 2) if decoding and "flow" in cfg.streams else 0.0)
             n, options, all_cores = 1, {"num_cpus": max(0.0, min(1.0, cpus - reserved))}, True
@@ -439,7 +468,8 @@ class _FeatureStage:
         self.clips: dict[int, _VideoJob] = {}
         self.clip_index: dict[int, int] = {}
         self.next_clip = 0
-        self.shards: list[_ShardJob] = []
+        self.shards: list[_ShardJob] = []  # added and not yet written
+        self.max_waiting_shards = _WAITING_SHARDS_PER_ACTOR * n
         self.busy = {"load_s": 0.0, "i3d_s": 0.0, "write_s": 0.0}
         self.progress = tqdm(unit="video", desc="extract", disable=None, total=0)
 
@@ -451,21 +481,19 @@ class _FeatureStage:
         self.shards.append(shard)
         self.progress.total += len(videos)
         self.progress.refresh()
+        shard.videos = [_VideoJob(inp, key, shard) for inp, key in videos]  # all first: see finished
         try:
             reader = ShardReader(shard.path)
         except QuovadisError as e:
-            for inp, key in videos:
-                shard.videos.append(video := _VideoJob(inp, key, shard))
+            for video in shard.videos:
                 self._fail(video, str(e))
             return
         with reader:
-            for inp, key in videos:
-                video = _VideoJob(inp, key, shard)
-                shard.videos.append(video)
+            for video in shard.videos:
                 try:
-                    self._plan(video, reader[key])
+                    self._plan(video, reader[video.key])
                 except (QuovadisError, OSError, KeyError, ValueError) as e:
-                    self._fail(video, f"{inp}: {e}")
+                    self._fail(video, f"{video.input}: {e}")
         self._check_shard(shard)
 
     def _plan(self, video: _VideoJob, stored) -> None:
@@ -487,6 +515,7 @@ class _FeatureStage:
             self.next_clip += 1
             self.clips[cid], self.clip_index[cid] = video, i
             queue.append(_ClipRequest(cid, str(video.shard.path), video.key, start, stored.frames, zero_flow))
+        video.planned = True
 
     def fail_input(self, path: str, reason: str) -> None:
         """An input that never reached a shard (decode failed): its index line and report entry."""
@@ -512,8 +541,12 @@ class _FeatureStage:
     def drain(self) -> None:
         while self.in_flight or any(self.queues.values()):
             self.pump(timeout=1.0)
-        for shard in self.shards:
+        for shard in list(self.shards):
             self._check_shard(shard)
+
+    def waiting_shards(self) -> int:
+        """Intermediate shards added and not yet written (read from the preprocess thread)."""
+        return sum(1 for s in list(self.shards) if s.owned)
 
     def _submit(self) -> None:
         for a in sorted(range(len(self.actors)), key=lambda i: self.per_actor[i]):
@@ -588,6 +621,7 @@ class _FeatureStage:
 
     def _record_failed(self, videos: list[_VideoJob]) -> None:
         features.append_index(self.out, [features.IndexEntry.failed(v.input, v.error) for v in videos])
+        self.indexed.update(v.key for v in videos)
         for v in videos:
             self.report.failed[v.input] = v.error
             self.progress.update(1)
@@ -611,6 +645,7 @@ class _FeatureStage:
                 v.error = f"{v.input}: {e}"
             ok = []
         self._record_failed([v for v in shard.videos if v.error is not None])
+        self.indexed.update(v.key for v in ok)
         for v, r in zip(ok, results):
             self.report.ok.append(v.input)
             self.report.frames += v.frames
@@ -619,20 +654,21 @@ class _FeatureStage:
             if "logits" in r.logits:
                 self._log_top5(v, r.logits["logits"])
         self.busy["write_s"] += time.perf_counter() - started
+        for v in shard.videos:
+            v.outputs = {}
+        self.shards.remove(shard)
         if shard.owned and not self.cfg.keep_shards:
             self._delete_shard(shard)
 
     def _delete_shard(self, shard: _ShardJob) -> None:
         """Delete an intermediate shard whose every video now has an index line (this run's or an
         earlier one's); a shard holding anything else is kept."""
-        done = features.load_index(self.out)
         try:
             with h5py.File(shard.path, "r") as f:
                 keys = set(f.keys())
         except OSError:
             return
-        ours = {v.key for v in shard.videos} | {video_key(p) for p in done}
-        if keys <= ours:
+        if keys <= self.indexed:
             shard.path.unlink(missing_ok=True)
             log.debug("deleted %s", shard.path)
 

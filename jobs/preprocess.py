@@ -21,6 +21,7 @@ import math
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,13 @@ class PreprocessConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     retry_failed: bool = False
     address: str | None = None
+    flow_gpu_share: float = 1.0  # GPUs each flow actor reserves; extract runs one beside each I3D actor
 
     def __post_init__(self) -> None:
         if not self.streams or "rgb" not in self.streams or set(self.streams) - set(STREAMS):
             raise ConfigError(f"--streams must be 'rgb' or 'rgb,flow', got {','.join(self.streams)!r}")
+        if not 0 < self.flow_gpu_share <= 1:
+            raise ConfigError(f"flow_gpu_share must be in (0, 1], got {self.flow_gpu_share}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,8 +112,11 @@ def run(args: argparse.Namespace) -> JobReport:
     return report
 
 
-def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
-    """Preprocess `inputs` into cfg.out; returns the report (also written as report.json)."""
+def preprocess(inputs: list[str], cfg: PreprocessConfig, before_video: Callable[[], None] | None = None) -> JobReport:
+    """Preprocess `inputs` into cfg.out; returns the report (also written as report.json).
+
+    `before_video` is called before each video is started: extract blocks there while enough
+    finished shards wait for I3D (backpressure across the two stages)."""
     out = Path(cfg.out)
     report = JobReport("preprocess", config=cfg.to_dict())
     with out_dir_lock(out):
@@ -120,7 +127,7 @@ def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
             log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo:
             init_ray(cfg.address)
-            scheduler = _Scheduler(cfg, out, report)
+            scheduler = _Scheduler(cfg, out, report, before_video)
             scheduler.run(todo)
             _settle(report, todo, manifest.load(out), scheduler.writer_error)
         report.finish()
@@ -129,6 +136,11 @@ def preprocess(inputs: list[str], cfg: PreprocessConfig) -> JobReport:
         except OSError as e:  # a full disk must not hide the summary
             log.error("cannot write %s/report.json: %s", out, e)
     return report
+
+
+def flow_on_gpu(cfg: FlowConfig, gpus: int) -> bool:
+    """Whether preprocess runs its flow actors on the cluster's GPUs (one per GPU)."""
+    return gpus > 0 and cfg.backend == "torch" and (cfg.device is None or cfg.device.startswith("cuda"))
 
 
 def _settle(report: JobReport, todo: list[str], recorded: dict[str, ManifestEntry], writer_error: str | None) -> None:
@@ -154,8 +166,8 @@ class _Video:
 class _Scheduler:
     """Keeps a bounded number of probe and segment tasks in flight and reacts as each finishes."""
 
-    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport) -> None:
-        self.cfg, self.out, self.report = cfg, out, report
+    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, before_video: Callable[[], None] | None) -> None:
+        self.cfg, self.out, self.report, self.before_video = cfg, out, report, before_video
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.max_in_flight = max(2, cpus + 1)
@@ -163,8 +175,10 @@ class _Scheduler:
         self.writer = ray.remote(num_cpus=0, max_restarts=3)(_Writer).remote(str(out), cfg.shards, cfg.to_dict())
         self.flow_actors = []
         if "flow" in cfg.streams:
-            on_gpu = gpus > 0 and (cfg.flow.device is None or cfg.flow.device.startswith("cuda"))
-            n, res = (gpus, {"num_gpus": 1, "num_cpus": 1}) if on_gpu else (1, {"num_cpus": min(1.0, cpus / 2)})
+            if flow_on_gpu(cfg.flow, gpus):
+                n, res = gpus, {"num_gpus": cfg.flow_gpu_share, "num_cpus": 0}  # decode tasks keep every CPU slot
+            else:
+                n, res = 1, {"num_cpus": min(1.0, cpus / 2)}
             self.flow_actors = [ray.remote(**res)(_FlowActor).remote(cfg.flow) for _ in range(n)]
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
@@ -183,6 +197,8 @@ class _Scheduler:
                     video, seg = segments.popleft()
                     self._submit_segment(video, seg)
                 else:
+                    if self.before_video is not None:
+                        self.before_video()
                     video = probes.popleft()
                     self.in_flight[_probe.remote(video.path)] = ("probe", video, None)
             [ref], _ = ray.wait(list(self.in_flight), num_returns=1)

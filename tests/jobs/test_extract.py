@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +256,80 @@ def test_two_streams_npy_flow_features_equal_the_model(ray_session, tmp_path):
         assert got[str(still)]["frames"] == 1 and got[str(still)]["flow"].shape == (1, 1024)
         zero = torch.zeros(1, 2, 16, 56, 56)
         _close(got[str(still)]["flow"][0], flow_model.features(zero)[0].numpy())
+
+
+def test_a_video_failing_first_in_its_shard_does_not_drop_the_others(ray_session, tmp_path):
+    """Videos of one shard are planned in key order; the first (too small for the crop) fails at
+    once, and the shard's other video must still get its features written."""
+    small = make_video(tmp_path / "a_small.mp4", fps=25, duration=0.4, size=(48, 40))
+    big = make_video(tmp_path / "b_big.mp4", fps=25, duration=0.4, size=(96, 64))
+    out = tmp_path / "out"
+    rc = main(["extract", str(small), str(big), "--out", str(out), *SMALL, "--short-side", "0",
+               "--streams", "rgb", "--weights-rgb", _weights("rgb")])  # fmt: skip
+    assert rc == EXIT_SOME_FAILED
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] == [str(big)] and "--crop-size 56" in report["failed"][str(small)]
+    assert _all_features(out)[str(big)]["rgb"].shape == (1, 1024)
+
+
+def test_decoding_pauses_while_decoded_shards_wait_for_i3d(ray_session, tmp_path):
+    """Preprocess starts no new video while two finished shards per I3D actor wait, so the
+    intermediate shards on disk stay few (2 waiting + at most 3 videos already started here)
+    whatever the number of videos. (On these 2 cores decoding and I3D share the CPU and rarely
+    drift apart; the bound matters where decoding outruns I3D.)"""
+    (tmp_path / "v").mkdir()
+    for i in range(10):
+        make_video(tmp_path / "v" / f"{i}.mp4", fps=25, duration=0.4, size=(320, 240))
+    out = tmp_path / "out"
+    most, running = [0], threading.Event()
+
+    def watch() -> None:
+        while not running.is_set():
+            if (out / "shards").is_dir():
+                most[0] = max(most[0], len(list_shards(out / "shards")))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        rc = main(["extract", str(tmp_path / "v"), "--out", str(out), "--streams", "rgb", "--clip-len", "32",
+                   "--short-side", "128", "--crop-size", "112", "--batch-size", "1", "--shard-size", "1K",
+                   "--weights-rgb", _weights("rgb")])  # fmt: skip
+    finally:
+        running.set()
+        watcher.join()
+    assert rc == EXIT_OK and len(_all_features(out)) == 10
+    assert 1 <= most[0] <= 5, f"{most[0]} finished shards waited at once"
+
+
+ONE_GPU_CLUSTER = """
+import sys
+import ray
+from jobs.cli import main
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_streams_on_a_one_gpu_cluster_place_both_actors(tmp_path):
+    """A cluster with one GPU (declared to Ray; the CPU-only torch here runs the models on the CPU)
+    must hold an I3D actor and preprocess's flow actor at once: with a whole GPU each, the flow
+    actor could never start and decoding waited for it forever."""
+    video = make_video(tmp_path / "v.mp4", fps=25, duration=0.4, size=(80, 64))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", ONE_GPU_CLUSTER, "extract", str(video), "--out", str(out), *SMALL,
+           "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")]  # fmt: skip
+    job = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        output, _ = job.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        pytest.fail("extract hung on a one-GPU cluster (flow actor never placed)")
+    assert job.returncode == EXIT_OK, output[-3000:]
+    got = _all_features(out)[str(video)]
+    assert got["rgb"].shape == got["flow"].shape == (1, 1024)
 
 
 # -- split, kill and resume -----------------------------------------------------------------------------------
