@@ -51,7 +51,7 @@ from jobs.report import JobReport
 from jobs.runtime import init_ray, out_dir_lock
 from models.fast import PRECISIONS, autocast
 from models.i3d import InceptionI3d
-from models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_checkpoint
+from models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
 from pipeline import conventions
 from pipeline.dataset import ShardDataset
 from pipeline.errors import ConfigError, QuovadisError, WeightsError
@@ -122,8 +122,9 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0, momentum and dropout in [0, 1)")
         if self.loader_workers < 0:
             raise ConfigError(f"--loader-workers must be >= 0, got {self.loader_workers}")
-        if not (self.init == "scratch" or self.init.startswith("inflate:") or os.path.isfile(self.init)):
-            raise ConfigError(f"--init must be scratch, inflate:2D.pt or a weights file; {self.init!r} does not exist")
+        init_file = self.init.removeprefix("inflate:")
+        if self.init != "scratch" and not os.path.isfile(init_file):
+            raise ConfigError(f"--init must be scratch, inflate:2D.pt or a weights file; {init_file!r} does not exist")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,12 +220,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -305,7 +300,7 @@ def recalibrate_bn(model: torch.nn.Module, loader, *, stream: str, device: torch
     """"Precise BN": replace BatchNorm running statistics by their plain average over `loader`'s
     clips under the final weights of the epoch (averaged over ranks).
 
-    I3D's BN momentum (0.01, TF's 0.99 decay) suits fine-tuning pretrained weights; a short run
+    I3D's BN momentum (0.01, pytorch-i3d's) suits fine-tuning pretrained weights; a short run
     from scratch moves the weights faster than the running statistics follow, so eval-mode outputs
     would be wrong without this. Costs one forward pass over the epoch's clips.
     """
@@ -467,7 +462,7 @@ def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model
         "history": history,
         "config": model_config(cfg, classes, epoch, history[-1]),
     }
-    _atomic_save(state, checkpoint_path(run_dir, epoch))
+    save_atomic(state, checkpoint_path(run_dir, epoch))
     for old in sorted(ckpt_dir.glob("epoch-*.pt"))[: -cfg.keep_checkpoints]:
         old.unlink()
     save_checkpoint(run_dir / MODEL_NAME, model, model_config(cfg, classes, epoch, history[-1]))

@@ -204,3 +204,6 @@ def test_init_from_our_checkpoint_and_from_inflated_googlenet(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), inflated.state_dict().values()))
     with pytest.raises(WeightsError, match="not a flow I3D"):
         build_model(_init_cfg(tmp_path, "flow", str(tmp_path / "ft.pt")), num_classes=5)
+    for missing in (str(tmp_path / "nope.pt"), f"inflate:{tmp_path / 'nope.pt'}"):  # refused before Ray starts
+        with pytest.raises(ConfigError, match="nope.pt' does not exist"):
+            _init_cfg(tmp_path, "rgb", missing)
