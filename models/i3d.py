@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError
 MIN_FRAMES = 9  # the shortest clip the reference accepts: 9 -> 5 -> 3 -> 2 time steps at Mixed_5c
 FEATURE_DIM = 1024  # channels of Mixed_5c, the size of `features`
 BN_EPS = 1e-3  # TF's batch-norm epsilon
-BN_MOMENTUM = 0.01  # torch's convention for TF's decay 0.99 (pytorch-i3d uses the same)
+BN_MOMENTUM = 0.01  # as pytorch-i3d (kinetics-i3d trains with Sonnet's default decay 0.999, i.e. 0.001); eval is unaffected
 
 # Inception-v1 block widths, shared with the 2D GoogLeNet (models/googlenet.py): (Branch_0 1x1, Branch_1 1x1 -> 3x3x3, Branch_2 1x1 -> 3x3x3, Branch_3 pool -> 1x1)
 MIXED_WIDTHS: dict[str, tuple[int, int, int, int, int, int]] = {
