@@ -27,7 +27,8 @@ past the end loops its own frames, `conventions.clip_frame_indices`); flow field
 pipeline/features.py.
 
 Re-runs: videos in OUT/index.jsonl as `ok` are skipped, `failed` ones are retried only with
---retry-failed; finished feature files are never rewritten; one job per OUT (a lock). Exit status
+--retry-failed; finished feature files are never rewritten; one job per OUT (a lock); a re-run
+must ask for the settings OUT/settings.json records (streams, clips, crop, weights, ...). Exit status
 as preprocess: 0 all ok, 1 some failed (report.json lists why), 2 usage, 3 cannot run (e.g. missing
 weights: the message names the paths tried and where to get the files).
 """
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 STREAMS = ("rgb", "flow")
 CROPS = ("center", "full")
 SHARDS_DIR = "shards"
+SETTINGS_NAME = "settings.json"
 MODEL_NAME = "i3d-inception-v1"  # models.i3d.InceptionI3d, the kinetics-i3d network
 _POLL_S = 0.2  # how often the driver looks for new shards while waiting
 _BATCHES_PER_ACTOR = 2  # in flight per CPU predictor actor: one running, one loaded and waiting (x2 on a GPU)
@@ -220,6 +222,8 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     labels = read_labels(cfg.labels) if cfg.labels else None
     report = JobReport("extract", config=cfg.to_dict())
     with out_dir_lock(out):
+        sha256 = {s: sha256_of(p) for s, p in weights.items()}
+        _check_settings(out, _settings(cfg, sha256))
         features.remove_leftovers(out)
         recorded = features.load_index(out)
         features.remove_orphans(out, recorded)
@@ -239,7 +243,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
             log.info("%d inputs already in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo or stored:
             init_ray(cfg.address)
-            attrs = _common_attrs(cfg, weights)
+            attrs = _common_attrs(cfg, weights, sha256)
             if labels is not None and cfg.format == "npy":
                 features.write_labels(out, labels)
             stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, decoding=bool(todo), recorded=recorded)
@@ -253,7 +257,38 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     return report
 
 
-def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path]) -> dict[str, Any]:
+def _settings(cfg: ExtractConfig, sha256: dict[str, str]) -> dict[str, Any]:
+    """What stored features depend on: every run into one OUT must ask for the same."""
+    return {
+        "streams": list(cfg.streams), "clip_len": cfg.clip_len, "stride": cfg.stride, "crop": cfg.crop,
+        "crop_size": cfg.crop_size if cfg.crop == "center" else 0, "fps": cfg.decode.fps,
+        "short_side": cfg.decode.short_side, "format": cfg.format, "feature_dtype": cfg.feature_dtype,
+        "logits": cfg.predictor.logits, "precision": cfg.predictor.precision, "weights_sha256": sha256,
+    }  # fmt: skip
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse a re-run whose settings differ from those OUT's features were made with (recorded in
+    OUT/settings.json by the first run): resuming would silently mix two kinds of features."""
+    path = out / SETTINGS_NAME
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+        return
+    except (OSError, ValueError) as e:
+        raise QuovadisError(f"cannot read {path}: {e}") from e
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"{out} holds features made with other settings ({'; '.join(changed)}); "
+            "use another --out, or the settings of the run that made it"
+        )
+
+
+def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path], sha256: dict[str, str]) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "stride": cfg.stride, "crop": cfg.crop, "crop_size": cfg.crop_size if cfg.crop == "center" else 0,
         "model": MODEL_NAME, "precision": cfg.predictor.precision, "quovadis_version": quovadis_version(),
@@ -261,7 +296,7 @@ def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path]) -> dict[str, Any
     }  # fmt: skip
     for s, p in weights.items():
         attrs[f"weights_{s}"] = str(p)
-        attrs[f"weights_sha256_{s}"] = sha256_of(p)
+        attrs[f"weights_sha256_{s}"] = sha256[s]
     return attrs
 
 

@@ -208,6 +208,15 @@ def test_rerun_skips_done_and_never_rewrites(rgb_run):
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("features-*.h5")} == before
 
 
+def test_rerun_with_other_settings_is_refused(rgb_run, capsys):
+    """Resuming with another stride (or streams, weights, ...) would mix two kinds of features."""
+    args = [a if a != "20" else "16" for a in rgb_run["args"]]  # --stride 20 -> 16
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "stride 20 -> 16" in capsys.readouterr().err
+    assert json.loads((rgb_run["out"] / "settings.json").read_text())["stride"] == 20
+
+
 def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path):
     """The kept shards as input: nothing is decoded; --crop full feeds whole frames of different
     sizes (batched per size), spatially pooled by the model."""
