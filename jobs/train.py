@@ -372,6 +372,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"])
         if rank == 0:
             set_rng_state(state["rng"])
+            # a kill between an epoch's checkpoint and its outputs left them one epoch behind; after
+            # the last epoch no later epoch would rewrite them
+            _write_outputs(run_dir, cfg, classes, model, start_epoch, history)
         log.info("resumed from %s after epoch %d", resume_from, start_epoch)
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1, else the model itself
 
@@ -465,6 +468,12 @@ def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model
     save_atomic(state, checkpoint_path(run_dir, epoch))
     for old in sorted(ckpt_dir.glob("epoch-*.pt"))[: -cfg.keep_checkpoints]:
         old.unlink()
+    _write_outputs(run_dir, cfg, classes, model, epoch, history)
+
+
+def _write_outputs(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: InceptionI3d, epoch: int,
+                   history: list[dict[str, Any]]) -> None:  # fmt: skip
+    """model.pt, metrics.jsonl and the plot, all derived from the epoch's checkpoint."""
     save_checkpoint(run_dir / MODEL_NAME, model, model_config(cfg, classes, epoch, history[-1]))
     write_metrics(run_dir, history)
     plot_curves(history, run_dir / PLOT_NAME)

@@ -161,6 +161,15 @@ def test_resume_after_kill_ends_where_an_uninterrupted_run_ends(work):
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
 
+    # killed after the last epoch's checkpoint, before its outputs: a resume runs no epoch and
+    # rewrites them from the checkpoint
+    (out / "model.pt").unlink()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in done[:-1]))
+    report = train(cfg, resume=True)
+    assert strip(metrics(out)) == strip(ref) and report.extra["final"] == done[-1]
+    a, _ = load_checkpoint(out / "model.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
 
 def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
     labels_csv, shards = motion_shards(work)
