@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from jobs import evaluate as evaluate_job
 from jobs.evaluate import EvaluateConfig, evaluate, topk_accuracy
+from models.weights import load_checkpoint
+from pipeline.dataset import ShardDataset
 from pipeline.errors import ConfigError, WeightsError
 from tests.synthetic import motion_shards, trained_run
 
@@ -57,6 +60,14 @@ def test_two_stream_fusion(work, tmp_path):
     assert len(videos) == 24
     assert scores["fused"]["top1"] == pytest.approx(topk_accuracy(rgb + flow, y, 1))
     assert scores["rgb"]["top1"] == pytest.approx(topk_accuracy(rgb, y, 1))
+    # a video's logits are the mean over all its grid clips (centre crop, no flip)
+    model, config = load_checkpoint(flow_run / "model.pt")
+    clips = ShardDataset(shards, clip_len=config["clip_len"], streams=("flow",), crop="center",
+                         crop_size=config["crop_size"], flip=False, temporal="grid", videos=[videos[0]])  # fmt: skip
+    assert len(clips) >= 2
+    with torch.inference_mode():
+        per_clip = model(torch.stack([clips[i]["flow"] for i in range(len(clips))]))  # (clips, classes)
+    np.testing.assert_allclose(result["logits"]["flow"][videos[0]], per_clip.mean(0).numpy(), rtol=1e-5, atol=1e-5)
 
     # either checkpoint alone works
     flow_only = evaluate(EvaluateConfig(data=str(shards), labels=str(labels), flow=args.flow))
