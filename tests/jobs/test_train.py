@@ -113,6 +113,19 @@ def test_flow_model_learns_motion_direction(work):
     assert report["extra"]["final"] == history[-1] and report["extra"]["workers"] == 1
 
 
+def test_two_ddp_workers_on_the_cpu_share_each_epoch(work):
+    """The multi-GPU path (Ray Train DDP, gloo on the CPU): two workers each take half of an epoch's
+    clips; the loss and accuracy are reduced over both, and rank 0 writes the run."""
+    run_dir = trained_run(work, "ddp_run", epochs=2, num_workers=2, cpus_per_worker=1)
+    history = metrics(run_dir)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[-1]["train_clips"] == 32 and history[-1]["val_videos"] == 24  # all clips, each once
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["extra"]["workers"] == 2 and report["extra"]["final"] == history[-1]
+    model, config = load_checkpoint(run_dir / "model.pt")
+    assert config["epoch"] == 2 and model.num_classes == 4
+
+
 def cli_train(shards: Path, labels_csv: Path, out: Path, *extra: str) -> list[str]:
     """`quovadis train` with TRAIN_SETTINGS as a command line."""
     s = TRAIN_SETTINGS
