@@ -178,10 +178,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run(args: argparse.Namespace) -> JobReport:
     cfg = config_from_args(args)
-    inputs: list[str] = []
-    for arg in args.inputs:
-        inputs += [os.path.abspath(arg)] if is_shard_dir(arg) else expand_inputs([arg])
-    report = extract(list(dict.fromkeys(inputs)), cfg)
+    report = extract(expand_inputs(args.inputs, keep_dir=is_shard_dir), cfg)
     log.info("%s", report.summary())
     return report
 

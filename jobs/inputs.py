@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -12,20 +13,21 @@ VIDEO_EXTENSIONS = frozenset(
 )
 
 
-def expand_inputs(args: list[str]) -> list[str]:
+def expand_inputs(args: list[str], keep_dir: Callable[[str], bool] | None = None) -> list[str]:
     """Files as given, directories searched recursively for video extensions, `@list.txt` read as
-    one input per line (blank lines and `#` comments skipped). Order is kept, duplicates dropped.
+    one input per line (blank lines and `#` comments skipped; its lines are expanded the same way).
+    Order is kept, duplicates dropped. A directory for which `keep_dir` is true is an input itself
+    (extract's shard directories).
 
     Paths that do not exist are kept: the job reports each as failed and goes on with the rest.
     """
     found: list[str] = []
     for arg in args:
-        if arg.startswith("@"):
-            found += _read_list(Path(arg[1:]))
-        elif os.path.isdir(arg) and not _looks_like_video(arg):
-            found += _scan_dir(Path(arg))
-        else:
-            found.append(arg)
+        for item in _read_list(Path(arg[1:])) if arg.startswith("@") else [arg]:
+            if os.path.isdir(item) and not _looks_like_video(item) and not (keep_dir and keep_dir(item)):
+                found += _scan_dir(Path(item))
+            else:
+                found.append(item)
     return list(dict.fromkeys(os.path.abspath(p) for p in found))
 
 

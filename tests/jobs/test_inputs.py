@@ -1,5 +1,7 @@
 """INPUT arguments: files, directories searched by extension, @list.txt."""
 
+import os
+
 import pytest
 
 from jobs.inputs import expand_inputs
@@ -18,6 +20,18 @@ def test_files_directories_and_lists(tmp_path):
         str(tmp_path / "a/1.mp4"), str(tmp_path / "a/deep/2.MKV"), str(tmp_path / "a/deep/3.webm"),
         str(tmp_path / "b.avi"), "/abs/missing.mp4", str(tmp_path / "gone.mp4"),
     ]  # fmt: skip  (order kept, duplicates dropped, missing paths kept for the job to report)
+
+
+def test_directories_in_a_list_are_searched_and_kept_directories_stay(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "1.mp4").write_bytes(b"x")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.jsonl").write_text("")
+    listing = tmp_path / "list.txt"
+    listing.write_text("v\nshards\n")
+    keep = lambda p: os.path.isfile(os.path.join(p, "manifest.jsonl"))  # noqa: E731 (extract's shard dirs)
+    assert expand_inputs([f"@{listing}"], keep_dir=keep) == [str(tmp_path / "v" / "1.mp4"), str(tmp_path / "shards")]
+    assert expand_inputs([f"@{listing}"]) == [str(tmp_path / "v" / "1.mp4")]  # no keep_dir: searched (no videos)
 
 
 def test_video_named_directory_given_explicitly_is_kept_as_input(tmp_path):
