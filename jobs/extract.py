@@ -220,9 +220,9 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     report = JobReport("extract", config=cfg.to_dict())
     with out_dir_lock(out):
         sha256 = {s: sha256_of(p) for s, p in weights.items()}
-        _check_settings(out, _settings(cfg, sha256))
         features.remove_leftovers(out)
         recorded = features.load_index(out)
+        _check_settings(out, _settings(cfg, sha256), has_results=bool(recorded))
         features.remove_orphans(out, recorded)
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
@@ -264,17 +264,18 @@ def _settings(cfg: ExtractConfig, sha256: dict[str, str]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse a re-run whose settings differ from those OUT's features were made with (recorded in
-    OUT/settings.json by the first run): resuming would silently mix two kinds of features."""
+def _check_settings(out: Path, settings: dict[str, Any], has_results: bool) -> None:
+    """Refuse a re-run whose settings differ from those OUT's results were made with (recorded in
+    OUT/settings.json): resuming would silently mix two kinds of features. An OUT with no index
+    line yet, or none recorded (made by an older quovadis), takes this run's settings."""
     path = out / SETTINGS_NAME
-    try:
-        before = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not has_results or not path.exists():
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
         return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise QuovadisError(f"cannot read {path}: {e}") from e
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
