@@ -11,7 +11,6 @@ rate ("demand"): a ratio >= 1 means the loader does not starve the device.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from typing import Any
 
@@ -24,8 +23,6 @@ from models.weights import IN_CHANNELS
 from pipeline import conventions
 from pipeline.dataset import ShardDataset
 from pipeline.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +80,7 @@ def loader_throughput(data: str, *, stream: str, clip_len: int, crop_size: int, 
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure and log a table; returns {"model": {precision: clips/s}, "loader": {workers: clips/s}, ...}."""
+    """Measure and print a table; returns {"model": {precision: clips/s}, "loader": {workers: clips/s}, ...}."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     unknown = set(precisions) - set(PRECISIONS)
@@ -111,6 +108,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         lines.append(f"  model {precision:<5} {rate:8.2f} training clips/s{speedup}")
     for workers, rate in result["loader"].items():
         lines.append(f"  loader {workers} workers {rate:8.2f} clips/s = {rate / demand:.1f}x the model's demand")
-    log.info("\n".join(lines))
+    print("\n".join(lines))  # a benchmark's table is its output
     result["table"] = "\n".join(lines)
     return result
