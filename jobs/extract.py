@@ -271,8 +271,11 @@ def _check_settings(out: Path, settings: dict[str, Any], has_results: bool) -> N
     path = out / SETTINGS_NAME
     if not has_results or not path.exists():
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a full disk: a clear error, exit 3, not a traceback
+            raise QuovadisError(f"cannot write {path}: {e.strerror or e}") from e
         return
     try:
         before = json.loads(path.read_text(encoding="utf-8"))
