@@ -29,4 +29,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _module(name: str):
-    return importlib.import_module(f"jobs.bench_{name}")
+    return importlib.import_module(f"quovadis.jobs.bench_{name}")

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.inputs import expand_inputs
-from pipeline import conventions
-from pipeline.decode import DecodeConfig, iter_frames, output_size
-from pipeline.probe import ffmpeg_exe, probe
-from pipeline.shards import ShardConfig, ShardWriter
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.pipeline import conventions
+from quovadis.pipeline.decode import DecodeConfig, iter_frames, output_size
+from quovadis.pipeline.probe import ffmpeg_exe, probe
+from quovadis.pipeline.shards import ShardConfig, ShardWriter
 
 log = logging.getLogger(__name__)
 

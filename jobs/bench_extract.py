@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from jobs import extract as extract_job
-from jobs.inputs import expand_inputs
-from jobs.runtime import init_ray
-from pipeline import conventions
+from quovadis.jobs import extract as extract_job
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.runtime import init_ray
+from quovadis.pipeline import conventions
 
 log = logging.getLogger(__name__)
 
 _SHARED = Path(__file__).resolve().parents[2] / "shared"
 STAGES = {
-    "decode": ("jobs.preprocess._decode_segment", "jobs.preprocess._probe"),
+    "decode": ("quovadis.jobs.preprocess._decode_segment", "quovadis.jobs.preprocess._probe"),
     "flow": ("flow",),
     "load": (),  # measured inside the job (report.extra["stage_busy_s"]): the predictor actor is
     "i3d": (),  # killed at the end of the job, before its task events would reach the timeline

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, DecodeError
-from pipeline.flow import FlowConfig, compute_flow, rgb_to_gray, tvl1, tvl1_opencv
-from pipeline.flowviz import endpoint_error, read_flo
+from quovadis.pipeline.errors import ConfigError, DecodeError
+from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray, tvl1, tvl1_opencv
+from quovadis.pipeline.flowviz import endpoint_error, read_flo
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _decode(path: str, count: int, height: int, width: int) -> np.ndarray:
     """The first `count` frames, scaled to cover height x width and centre cropped: uint8 (T, H, W, 3)."""
-    from pipeline.probe import ffmpeg_exe
+    from quovadis.pipeline.probe import ffmpeg_exe
 
     vf = (f"scale=w='if(gt(a,{width}/{height}),-2,{width})':h='if(gt(a,{width}/{height}),{height},-2)'"
           f":flags=bilinear,crop={width}:{height}")

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.fast import EAGER_FP32, FastI3D, InferenceConfig
-from models.i3d import InceptionI3d, Unit3D
-from models.padding import MaxPoolSame
-from models.weights import IN_CHANNELS, load_i3d
-from pipeline import conventions
-from pipeline.errors import ConfigError
+from quovadis.models.fast import EAGER_FP32, FastI3D, InferenceConfig
+from quovadis.models.i3d import InceptionI3d, Unit3D
+from quovadis.models.padding import MaxPoolSame
+from quovadis.models.weights import IN_CHANNELS, load_i3d
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.report import JobReport
-from pipeline import conventions
-from pipeline.errors import ConfigError, DecodeError
-from pipeline.probe import ffmpeg_exe
-from pipeline.shards import ShardConfig, ShardReader, ShardWriter, list_shards
+from quovadis.jobs.report import JobReport
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, DecodeError
+from quovadis.pipeline.probe import ffmpeg_exe
+from quovadis.pipeline.shards import ShardConfig, ShardReader, ShardWriter, list_shards
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.fast import PRECISIONS, autocast
-from models.i3d import InceptionI3d
-from models.weights import IN_CHANNELS
-from pipeline import conventions
-from pipeline.dataset import ShardDataset
-from pipeline.errors import ConfigError
+from quovadis.models.fast import PRECISIONS, autocast
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.weights import IN_CHANNELS
+from quovadis.pipeline import conventions
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.errors import ConfigError, QuovadisError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _module(name: str):
-    return importlib.import_module(f"jobs.{name}")
+    return importlib.import_module(f"quovadis.jobs.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.labels import LabelledVideo, load_labels
-from jobs.report import JobReport
-from models.fast import autocast
-from models.i3d import InceptionI3d
-from models.weights import load_checkpoint
-from pipeline.dataset import ShardDataset
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.jobs.labels import LabelledVideo, load_labels
+from quovadis.jobs.report import JobReport
+from quovadis.models.fast import autocast
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.weights import load_checkpoint
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 

@@ -53,18 +53,18 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from jobs.inputs import expand_inputs
-from jobs.preprocess import PreprocessConfig, flow_on_gpu, parse_size, preprocess
-from jobs.report import JobReport, failure_reason
-from jobs.runtime import init_ray, out_dir_lock
-from models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
-from models.weights import resolve_weights, sha256_of
-from pipeline import conventions, features, manifest
-from pipeline.decode import DecodeConfig
-from pipeline.errors import ConfigError, QuovadisError
-from pipeline.flow import FlowConfig
-from pipeline.manifest import ManifestEntry
-from pipeline.shards import ShardConfig, ShardReader, list_shards, read_frames, video_key
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.preprocess import PreprocessConfig, flow_on_gpu, parse_size, preprocess
+from quovadis.jobs.report import JobReport, failure_reason
+from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
+from quovadis.models.weights import resolve_weights, sha256_of
+from quovadis.pipeline import conventions, features, manifest
+from quovadis.pipeline.decode import DecodeConfig
+from quovadis.pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.flow import FlowConfig
+from quovadis.pipeline.manifest import ManifestEntry
+from quovadis.pipeline.shards import ShardConfig, ShardReader, list_shards, read_frames, video_key
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from jobs.report import JobReport
-from models.googlenet import read_googlenet
-from models.inflate import INFLATE_MODES, i3d_from_googlenet
-from models.weights import save_atomic, sha256_of
-from pipeline.errors import ConfigError
+from quovadis.jobs.report import JobReport
+from quovadis.models.googlenet import read_googlenet
+from quovadis.models.inflate import INFLATE_MODES, i3d_from_googlenet
+from quovadis.models.weights import save_atomic, sha256_of
+from quovadis.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

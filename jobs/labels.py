@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError, ShardError
-from pipeline.manifest import ManifestEntry, load as manifest_load
+from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.manifest import ManifestEntry, load as manifest_load
 
 log = logging.getLogger(__name__)
 

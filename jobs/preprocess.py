@@ -30,16 +30,16 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from jobs.inputs import expand_inputs
-from jobs.report import JobReport, failure_reason
-from jobs.runtime import init_ray, out_dir_lock
-from pipeline import conventions
-from pipeline.errors import ConfigError, QuovadisError
-from pipeline.flow import FlowConfig
-from pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
-from pipeline import manifest
-from pipeline.manifest import ManifestEntry
-from pipeline.shards import COMPRESSIONS, ShardConfig, ShardWriter, record_unlisted_shards
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.report import JobReport, failure_reason
+from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.flow import FlowConfig
+from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
+from quovadis.pipeline import manifest
+from quovadis.pipeline.manifest import ManifestEntry
+from quovadis.pipeline.shards import COMPRESSIONS, ShardConfig, ShardWriter, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class _FlowActor:
     """Holds the flow device once; receives batches of consecutive frames from segment tasks."""
 
     def __init__(self, cfg: FlowConfig) -> None:
-        from pipeline.flow import FlowPredictor
+        from quovadis.pipeline.flow import FlowPredictor
 
         self.predict = FlowPredictor(cfg)
 
@@ -317,7 +317,7 @@ class _FlowActor:
 
 @ray.remote(num_cpus=1, max_retries=0)
 def _probe(path: str):
-    from pipeline.probe import probe
+    from quovadis.pipeline.probe import probe
 
     return probe(path)
 

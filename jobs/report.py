@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import ray.exceptions
 
-from pipeline.errors import QuovadisError
+from quovadis.pipeline.errors import QuovadisError
 
 REPORT_NAME = "report.json"
 

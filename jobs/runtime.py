@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import LockError, QuovadisError
+from quovadis.pipeline.errors import LockError, QuovadisError
 
 log = logging.getLogger(__name__)
 

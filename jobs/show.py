@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ConfigError, QuovadisError
-from pipeline.flowviz import flow_to_color
-from pipeline.shards import open_video
+from quovadis.pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.flowviz import flow_to_color
+from quovadis.pipeline.shards import open_video
 
 log = logging.getLogger(__name__)
 

@@ -45,17 +45,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.evaluate import eval_dataset, topk_accuracy, video_logits
-from jobs.labels import LabelledVideo, load_labels
-from jobs.report import JobReport
-from jobs.runtime import init_ray, out_dir_lock
-from models.fast import PRECISIONS, autocast
-from models.i3d import InceptionI3d
-from models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
-from pipeline import conventions
-from pipeline.dataset import ShardDataset
-from pipeline.errors import ConfigError, QuovadisError, WeightsError
-from pipeline.manifest import load as manifest_load
+from quovadis.jobs.evaluate import eval_dataset, topk_accuracy, video_logits
+from quovadis.jobs.labels import LabelledVideo, load_labels
+from quovadis.jobs.report import JobReport
+from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.models.fast import PRECISIONS, autocast
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
+from quovadis.pipeline import conventions
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.errors import ConfigError, QuovadisError, WeightsError
+from quovadis.pipeline.manifest import load as manifest_load
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
     if cfg.init == "scratch":
         return InceptionI3d(num_classes=num_classes, in_channels=channels, dropout=cfg.dropout)
     if cfg.init.startswith("inflate:"):
-        from models.googlenet import read_googlenet
-        from models.inflate import i3d_from_googlenet
+        from quovadis.models.googlenet import read_googlenet
+        from quovadis.models.inflate import i3d_from_googlenet
 
         state = i3d_from_googlenet(read_googlenet(cfg.init[len("inflate:"):]), in_channels=channels)
         model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0], in_channels=channels, dropout=cfg.dropout)
@@ -153,7 +153,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
             logits = state.get("logits.conv3d.weight")
             classes = logits.shape[0] if logits is not None and logits.ndim == 5 else 400
             model = InceptionI3d(num_classes=classes, in_channels=channels, dropout=cfg.dropout)
-            from models.weights import load_weights
+            from quovadis.models.weights import load_weights
 
             load_weights(model, state)
         if not isinstance(model, InceptionI3d) or model.in_channels != channels:

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from models.i3d import InceptionI3d, Unit3D
-from pipeline.errors import ConfigError
+from quovadis.models.i3d import InceptionI3d, Unit3D
+from quovadis.pipeline.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision name -> DTYPES name

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from models.i3d import BN_EPS, FEATURE_DIM, MIXED_WIDTHS
-from models.padding import MaxPoolSame, pad_same, use_same_padding
-from models.weights import check_state_dict, read_state_dict
-from pipeline.errors import WeightsError
+from quovadis.models.i3d import BN_EPS, FEATURE_DIM, MIXED_WIDTHS
+from quovadis.models.padding import MaxPoolSame, pad_same, use_same_padding
+from quovadis.models.weights import check_state_dict, read_state_dict
+from quovadis.pipeline.errors import WeightsError
 
 # 2D module -> I3D module; inception branches map branch1 -> b0, branch2.{0,1} -> b1{a,b},
 # branch3.{0,1} -> b2{a,b}, branch4.1 -> b3b (branch4.0 / b3a is the max-pool).

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.padding import MaxPoolSame, pad_same, use_same_padding
-from pipeline.conventions import clip_frame_indices
-from pipeline.errors import ConfigError
+from quovadis.models.padding import MaxPoolSame, pad_same, use_same_padding
+from quovadis.pipeline.conventions import clip_frame_indices
+from quovadis.pipeline.errors import ConfigError
 
 MIN_FRAMES = 9  # the shortest clip the reference accepts: 9 -> 5 -> 3 -> 2 time steps at Mixed_5c
 FEATURE_DIM = 1024  # channels of Mixed_5c, the size of `features`

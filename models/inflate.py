@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.googlenet import AUX_PREFIXES, BRANCHES_TO_I3D, GOOGLENET_TO_I3D, GoogLeNetBN
-from models.i3d import InceptionI3d
-from models.weights import check_state_dict
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.models.googlenet import AUX_PREFIXES, BRANCHES_TO_I3D, GOOGLENET_TO_I3D, GoogLeNetBN
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.weights import check_state_dict
+from quovadis.pipeline.errors import ConfigError, WeightsError
 
 INFLATE_MODES = ("mean", "center")
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.fast import PRECISIONS, FastI3D, InferenceConfig
-from models.weights import STREAMS, load_i3d
-from pipeline import conventions
-from pipeline.errors import ConfigError
+from quovadis.models.fast import PRECISIONS, FastI3D, InferenceConfig
+from quovadis.models.weights import STREAMS, load_i3d
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

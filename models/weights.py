@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.i3d import I3DConfig, InceptionI3d, TwoStreamI3D
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.models.i3d import I3DConfig, InceptionI3d, TwoStreamI3D
+from quovadis.pipeline.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 

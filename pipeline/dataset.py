@@ -36,10 +36,10 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import conventions
-from pipeline.errors import ConfigError, ShardError
-from pipeline.manifest import ManifestEntry, load as manifest_load
-from pipeline.shards import read_frames
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.manifest import ManifestEntry, load as manifest_load
+from quovadis.pipeline.shards import read_frames
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-from pipeline import conventions
-from pipeline.errors import ConfigError, DecodeError
-from pipeline.probe import VideoInfo, ffmpeg_exe, probe
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, DecodeError
+from quovadis.pipeline.probe import VideoInfo, ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
 

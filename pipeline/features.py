@@ -52,10 +52,10 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import conventions
-from pipeline.errors import ConfigError, ShardError
-from pipeline.manifest import Status, append_lines, load_lines
-from pipeline.shards import attr_value, fsync_path
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.manifest import Status, append_lines, load_lines
+from quovadis.pipeline.shards import attr_value, fsync_path
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError, FlowError
+from quovadis.pipeline.errors import ConfigError, FlowError
 
 log = logging.getLogger(__name__)
 

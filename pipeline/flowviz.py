@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import FlowError
+from quovadis.pipeline.errors import FlowError
 
 FLO_MAGIC = 202021.25  # first float of a Middlebury .flo file
 FLO_UNKNOWN = 1e9  # components above this mark pixels without ground truth

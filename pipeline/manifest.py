@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pipeline.errors import ShardError
+from quovadis.pipeline.errors import ShardError
 
 log = logging.getLogger(__name__)
 

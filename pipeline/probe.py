@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from pipeline.errors import DecodeError
+from quovadis.pipeline.errors import DecodeError
 
 log = logging.getLogger(__name__)
 

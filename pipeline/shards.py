@@ -50,9 +50,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline import conventions
-from pipeline.errors import ConfigError, ShardError
-from pipeline.manifest import ManifestEntry, append as manifest_append, load as manifest_load
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.manifest import ManifestEntry, append as manifest_append, load as manifest_load
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ def ray_session():
     """One embedded Ray for the whole test session (ray.init costs ~2 s)."""
     import ray
 
-    from jobs.runtime import init_ray
+    from quovadis.jobs.runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.probe import ffmpeg_exe
+from quovadis.pipeline.probe import ffmpeg_exe
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 CLASSES = tuple(sorted(DIRECTIONS))
@@ -98,9 +98,9 @@ def motion_shards(root: Path) -> tuple[Path, Path]:
     """(labels.csv, shard dir) of the motion dataset preprocessed with our pipeline (rgb + flow),
     made once per test session under `root`."""
     if "shards" not in _MEMO:
-        from jobs.preprocess import PreprocessConfig, preprocess
-        from pipeline.decode import DecodeConfig
-        from pipeline.flow import FlowConfig
+        from quovadis.jobs.preprocess import PreprocessConfig, preprocess
+        from quovadis.pipeline.decode import DecodeConfig
+        from quovadis.pipeline.flow import FlowConfig
 
         labels = make_motion_dataset(root / "motion")
         videos = sorted(str(p) for p in (root / "motion" / "videos").glob("*.mp4"))
@@ -116,7 +116,7 @@ def motion_shards(root: Path) -> tuple[Path, Path]:
 def trained_run(root: Path, name: str, **overrides) -> Path:
     """RUN_DIR of `quovadis train` on the motion dataset with TRAIN_SETTINGS + overrides, made once."""
     if name not in _MEMO:
-        from jobs.train import TrainConfig, train
+        from quovadis.jobs.train import TrainConfig, train
 
         labels, shards = motion_shards(root)
         out = root / name

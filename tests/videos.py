@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.probe import ffmpeg_exe
+from quovadis.pipeline.probe import ffmpeg_exe
 
 MARKER = 16  # marker side in coded pixels
 MARGIN = 4  # marker's distance from the left edge at t=0 and from the top edge, in px

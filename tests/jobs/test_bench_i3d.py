@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.bench_i3d import BASELINE, add_arguments, run_bench
+from quovadis.jobs.bench_i3d import BASELINE, add_arguments, run_bench
 
 
 def test_bench_reports_speed_memory_and_feature_difference(capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.bench_train import add_arguments, run_bench
+from quovadis.jobs.bench_train import add_arguments, run_bench
 from tests.synthetic import motion_shards
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import evaluate as evaluate_job
-from jobs.evaluate import EvaluateConfig, evaluate, topk_accuracy
-from models.weights import load_checkpoint
-from pipeline.dataset import ShardDataset
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.jobs import evaluate as evaluate_job
+from quovadis.jobs.evaluate import EvaluateConfig, evaluate, topk_accuracy
+from quovadis.models.weights import load_checkpoint
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.synthetic import motion_shards, trained_run
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
-from jobs.runtime import out_dir_lock
-from models.weights import load_i3d, sha256_of
-from pipeline import conventions
-from pipeline.dataset import ShardDataset
-from pipeline.features import FeatureDataset, collate_features, load_index, read_video
-from pipeline.shards import ShardReader, list_shards
+from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
+from quovadis.jobs.runtime import out_dir_lock
+from quovadis.models.weights import load_i3d, sha256_of
+from quovadis.pipeline import conventions
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.features import FeatureDataset, collate_features, load_index, read_video
+from quovadis.pipeline.shards import ShardReader, list_shards
 from tests.conftest import REPO, shared_path
 from tests.videos import make_random_bytes, make_video
 
@@ -76,7 +76,7 @@ def rgb_run(ray_session, tmp_path_factory):
     args = ["extract", *videos, *bad, "--out", str(out), "--streams", "rgb", "--stride", "20", *SMALL,
             "--weights-rgb", _weights("rgb"), "--weights-flow", str(tmp / "no_flow_weights.pt"), "--keep-shards",
             "--logits", "--labels", str(shared_path("i3d", "label_map.txt")), "--shard-size", "1K"]  # fmt: skip
-    records, logger = _Records(), logging.getLogger("jobs.extract")
+    records, logger = _Records(), logging.getLogger("quovadis.jobs.extract")
     level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
@@ -315,7 +315,7 @@ def test_decoding_pauses_while_decoded_shards_wait_for_i3d(ray_session, tmp_path
 ONE_GPU_CLUSTER = """
 import sys
 import ray
-from jobs.cli import main
+from quovadis.jobs.cli import main
 ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 sys.exit(main(sys.argv[1:]))
 """
@@ -388,7 +388,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_pat
     """Killed as soon as the first intermediate shard is final (decode ahead of I3D, features of
     that shard not yet all written); the re-run takes that shard as it is and decodes the rest."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "jobs.cli", "extract", str(uninterrupted["dir"]), "--out", str(out), *uninterrupted["common"]]
+    cmd = [sys.executable, "-m", "quovadis", "extract", str(uninterrupted["dir"]), "--out", str(out), *uninterrupted["common"]]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     job = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

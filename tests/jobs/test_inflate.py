@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, main
-from models.googlenet import GoogLeNetBN
-from models.inflate import i3d_from_googlenet
-from models.weights import load_i3d, read_state_dict
+from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, main
+from quovadis.models.googlenet import GoogLeNetBN
+from quovadis.models.inflate import i3d_from_googlenet
+from quovadis.models.weights import load_i3d, read_state_dict
 
 
 def test_inflate_command_writes_loadable_i3d_weights(tmp_path):

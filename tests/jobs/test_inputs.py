@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from jobs.inputs import expand_inputs
-from pipeline.errors import ConfigError
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.pipeline.errors import ConfigError
 
 
 def test_files_directories_and_lists(tmp_path):

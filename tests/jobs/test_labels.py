@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.labels import load_labels
-from pipeline.errors import ConfigError
-from pipeline.manifest import ManifestEntry, append
-from pipeline.shards import video_key
+from quovadis.jobs.labels import load_labels
+from quovadis.pipeline.errors import ConfigError
+from quovadis.pipeline.manifest import ManifestEntry, append
+from quovadis.pipeline.shards import video_key
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ import h5py
 import numpy as np
 import pytest
 
-from jobs.inputs import expand_inputs
-from jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
-from jobs.preprocess import PreprocessConfig, preprocess
-from pipeline import manifest
-from pipeline.conventions import dequantize_flow
-from pipeline.decode import DecodeConfig
-from pipeline.flow import FlowConfig
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
+from quovadis.jobs.preprocess import PreprocessConfig, preprocess
+from quovadis.pipeline import manifest
+from quovadis.pipeline.conventions import dequantize_flow
+from quovadis.pipeline.decode import DecodeConfig
+from quovadis.pipeline.flow import FlowConfig
 from tests.conftest import REPO, shared_path
 from tests.videos import make_audio_only, make_video, make_zero_frame_video
 
@@ -160,15 +160,15 @@ def test_keys_are_safe_and_distinct(ray_session, tmp_path, small_videos):
 
 
 def test_second_job_on_same_out_is_refused(tmp_path, small_videos):
-    from jobs.runtime import out_dir_lock
-    from pipeline.errors import LockError
+    from quovadis.jobs.runtime import out_dir_lock
+    from quovadis.pipeline.errors import LockError
 
     out = tmp_path / "out"
     with out_dir_lock(out):
         with pytest.raises(LockError, match="in use by another quovadis job"):
             preprocess([str(small_videos[0])], _cfg(out))
         code = subprocess.run(
-            [sys.executable, "-m", "jobs.cli", "preprocess", str(small_videos[0]), "--out", str(out), "--streams", "rgb"],
+            [sys.executable, "-m", "quovadis", "preprocess", str(small_videos[0]), "--out", str(out), "--streams", "rgb"],
             capture_output=True, text=True, cwd=REPO,
         )
     assert code.returncode == EXIT_CANNOT_RUN and "in use by another quovadis job" in code.stderr
@@ -194,7 +194,7 @@ def test_long_video_segments_equal_unsplit_run(ray_session, tmp_path):
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     (tmp_path / "v").mkdir()
     videos = [make_video(tmp_path / "v" / f"{i}.mp4", fps=24 + i, duration=2.0, size=(128, 96)) for i in range(6)]
-    cmd = [sys.executable, "-m", "jobs.cli", "preprocess", str(tmp_path / "v"), "--streams", "rgb",
+    cmd = [sys.executable, "-m", "quovadis", "preprocess", str(tmp_path / "v"), "--streams", "rgb",
            "--short-side", "96", "--shard-size", "300K"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     reference = subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=env, cwd=REPO, capture_output=True, text=True)

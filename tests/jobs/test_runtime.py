@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from jobs.runtime import _check_reachable
-from pipeline.errors import QuovadisError
+from quovadis.jobs.runtime import _check_reachable
+from quovadis.pipeline.errors import QuovadisError
 
 
 def test_unreachable_cluster_address_is_a_clear_error():

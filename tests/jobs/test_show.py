@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import show
-from pipeline import conventions
-from pipeline.errors import QuovadisError, ShardError
-from pipeline.flow import FlowConfig, compute_flow, rgb_to_gray
-from pipeline.flowviz import flow_to_color
-from pipeline.shards import ShardConfig, ShardWriter
+from quovadis.jobs import show
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import QuovadisError, ShardError
+from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray
+from quovadis.pipeline.flowviz import flow_to_color
+from quovadis.pipeline.shards import ShardConfig, ShardWriter
 
 H, W, T = 48, 64, 6
 SOURCE = "/videos/moving pattern.mp4"
@@ -81,7 +81,7 @@ def test_contact_sheet_shows_frames_beside_their_flow(shard_dir, tmp_path):
 
 def test_video_by_key_and_without_flow_scale(shard_dir, tmp_path):
     out_dir, _, _ = shard_dir
-    from pipeline.manifest import load
+    from quovadis.pipeline.manifest import load
 
     key = load(out_dir)[SOURCE].key
     png = tmp_path / "by_key.png"

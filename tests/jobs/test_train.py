@@ -14,7 +14,7 @@ import cv2
 import pytest
 import torch
 
-from jobs.train import (
+from quovadis.jobs.train import (
     TrainConfig,
     build_model,
     epoch_order,
@@ -24,11 +24,11 @@ from jobs.train import (
     train,
     train_dataset,
 )
-from jobs.labels import load_labels
-from models.googlenet import GoogLeNetBN, read_googlenet
-from models.inflate import i3d_from_googlenet
-from models.weights import load_checkpoint, load_i3d, save_checkpoint
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.jobs.labels import load_labels
+from quovadis.models.googlenet import GoogLeNetBN, read_googlenet
+from quovadis.models.inflate import i3d_from_googlenet
+from quovadis.models.weights import load_checkpoint, load_i3d, save_checkpoint
+from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.conftest import shared_path
 from tests.synthetic import TRAIN_SETTINGS, motion_shards, trained_run
 
@@ -129,7 +129,7 @@ def test_two_ddp_workers_on_the_cpu_share_each_epoch(work):
 def cli_train(shards: Path, labels_csv: Path, out: Path, *extra: str) -> list[str]:
     """`quovadis train` with TRAIN_SETTINGS as a command line."""
     s = TRAIN_SETTINGS
-    return [sys.executable, "-m", "jobs.cli", "train", "--data", str(shards), "--labels", str(labels_csv),
+    return [sys.executable, "-m", "quovadis", "train", "--data", str(shards), "--labels", str(labels_csv),
             "--out", str(out), "--stream", s["stream"], "--epochs", str(s["epochs"]),
             "--batch-size", str(s["batch_size"]), "--lr", str(s["lr"]), "--optimizer", s["optimizer"],
             "--weight-decay", "0", "--clip-len", str(s["clip_len"]), "--crop-size", str(s["crop_size"]),

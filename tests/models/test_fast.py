@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.fast import EAGER_FP32, FastI3D, InferenceConfig, fold_batchnorm
-from models.i3d import InceptionI3d
-from models.weights import load_weights
-from pipeline.errors import ConfigError
+from quovadis.models.fast import EAGER_FP32, FastI3D, InferenceConfig, fold_batchnorm
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.weights import load_weights
+from quovadis.pipeline.errors import ConfigError
 from tests.conftest import shared_path
 
 

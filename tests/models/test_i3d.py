@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.i3d import FEATURE_DIM, MIN_FRAMES, InceptionI3d, TwoStreamI3D, loop_pad_time
-from models.padding import MaxPoolSame, pad_same, same_padding
-from models.weights import load_weights
+from quovadis.models.i3d import FEATURE_DIM, MIN_FRAMES, InceptionI3d, TwoStreamI3D, loop_pad_time
+from quovadis.models.padding import MaxPoolSame, pad_same, same_padding
+from quovadis.models.weights import load_weights
 from tests.conftest import shared_path
 
 # Golden tolerances: float32 on different BLAS builds. rtol as the reference promises; atol for the

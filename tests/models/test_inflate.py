@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.googlenet import GoogLeNetBN, read_googlenet
-from models.i3d import InceptionI3d
-from models.inflate import TimeSpec, i3d_from_googlenet, inflate, inflate_conv, inflate_module
-from models.weights import load_weights
-from pipeline.errors import WeightsError
+from quovadis.models.googlenet import GoogLeNetBN, read_googlenet
+from quovadis.models.i3d import InceptionI3d
+from quovadis.models.inflate import TimeSpec, i3d_from_googlenet, inflate, inflate_conv, inflate_module
+from quovadis.models.weights import load_weights
+from quovadis.pipeline.errors import WeightsError
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 

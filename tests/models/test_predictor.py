@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.weights import load_i3d
-from models.predictor import I3DPredictor, PredictorConfig
-from pipeline import conventions
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.models.weights import load_i3d
+from quovadis.models.predictor import I3DPredictor, PredictorConfig
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.conftest import shared_path
 
 

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from models.i3d import InceptionI3d, TwoStreamI3D
-from models.weights import (
+from quovadis.models.i3d import InceptionI3d, TwoStreamI3D
+from quovadis.models.weights import (
     WEIGHT_FILES,
     WEIGHTS_ENV,
     git_blob_sha1,
@@ -23,7 +23,7 @@ from models.weights import (
     save_checkpoint,
     sha256_of,
 )
-from pipeline.errors import ConfigError, WeightsError
+from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.conftest import shared_path
 
 

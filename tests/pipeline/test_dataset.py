@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import conventions
-from pipeline.dataset import ShardDataset
-from pipeline.errors import ConfigError
-from pipeline.shards import ShardConfig, ShardWriter
+from quovadis.pipeline import conventions
+from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.errors import ConfigError
+from quovadis.pipeline.shards import ShardConfig, ShardWriter
 
 H, W = 12, 16
 

@@ -9,9 +9,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments, seek_seconds
-from pipeline.errors import ConfigError, DecodeError
-from pipeline.probe import probe
+from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments, seek_seconds
+from quovadis.pipeline.errors import ConfigError, DecodeError
+from quovadis.pipeline.probe import probe
 from tests.conftest import shared_path
 from tests.videos import (
     MARGIN,
@@ -253,7 +253,7 @@ def test_closing_early_kills_ffmpeg(tmp_path):
 
 
 def test_plan_segments():
-    from pipeline.probe import VideoInfo
+    from quovadis.pipeline.probe import VideoInfo
 
     def info(duration):
         return VideoInfo("x.mp4", 1, "h264", 320, 240, 1.0, 0, 25.0, duration, 0.0, False, 0, "mov,mp4,m4a,3gp,3g2,mj2")

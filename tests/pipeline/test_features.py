@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import conventions
-from pipeline.errors import ConfigError
-from pipeline.features import (
+from quovadis.pipeline import conventions
+from quovadis.pipeline.errors import ConfigError
+from quovadis.pipeline.features import (
     FeatureDataset,
     IndexEntry,
     VideoFeatures,
@@ -26,7 +26,7 @@ from pipeline.features import (
     write_hdf5,
     write_npy,
 )
-from pipeline.shards import video_key
+from quovadis.pipeline.shards import video_key
 
 
 def _video(path: str, frames: int, clip_len: int = 16, stride: int = 16, seed: int = 0, logits: bool = False) -> VideoFeatures:

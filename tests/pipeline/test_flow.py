@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, FlowError
-from pipeline.flow import (
+from quovadis.pipeline.errors import ConfigError, FlowError
+from quovadis.pipeline.flow import (
     FlowConfig,
     FlowPredictor,
     _level_sizes,
@@ -30,7 +30,7 @@ from pipeline.flow import (
     tvl1,
     tvl1_opencv,
 )
-from pipeline.flowviz import endpoint_error, read_flo
+from quovadis.pipeline.flowviz import endpoint_error, read_flo
 from tests.conftest import shared_path
 
 EAGER = FlowConfig(fast=False, device="cpu")
@@ -364,7 +364,7 @@ def test_automatic_fast_path_falls_back_to_eager_without_a_compiler(tmp_path):
 
     code = (
         "import logging, numpy as np, torch; torch.set_num_threads(1); logging.basicConfig(level=logging.WARNING)\n"
-        "from pipeline.flow import FlowConfig, tvl1\n"
+        "from quovadis.pipeline.flow import FlowConfig, tvl1\n"
         "from tests.pipeline.test_flow import textured\n"
         "prev, nxt = textured(40, 48), textured(40, 48, shift=(1.0, 0.5))\n"
         "auto = tvl1(prev, nxt, FlowConfig(device='cpu'))\n"

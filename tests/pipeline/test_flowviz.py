@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import FlowError
-from pipeline.flowviz import color_wheel, endpoint_error, flow_to_color, read_flo, write_flo
+from quovadis.pipeline.errors import FlowError
+from quovadis.pipeline.flowviz import color_wheel, endpoint_error, flow_to_color, read_flo, write_flo
 from tests.conftest import shared_path
 
 

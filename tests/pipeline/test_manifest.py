@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from pipeline import manifest
-from pipeline.errors import ShardError
-from pipeline.manifest import ManifestEntry
+from quovadis.pipeline import manifest
+from quovadis.pipeline.errors import ShardError
+from quovadis.pipeline.manifest import ManifestEntry
 
 
 def ok(input: str, shard: str = "shard-00000.h5", frames: int = 10) -> ManifestEntry:

@@ -12,9 +12,9 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from pipeline.decode import DecodeConfig, iter_frames
-from pipeline.errors import DecodeError
-from pipeline.probe import ffmpeg_exe, probe
+from quovadis.pipeline.decode import DecodeConfig, iter_frames
+from quovadis.pipeline.errors import DecodeError
+from quovadis.pipeline.probe import ffmpeg_exe, probe
 from tests.conftest import shared_path
 from tests.videos import make_audio_only, make_random_bytes, make_truncated, make_video
 

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import conventions, manifest
-from pipeline.errors import ConfigError, ShardError
-from pipeline.shards import (
+from quovadis.pipeline import conventions, manifest
+from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
     ShardConfig,
@@ -245,7 +245,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from pipeline.shards import ShardConfig, ShardWriter
+    from quovadis.pipeline.shards import ShardConfig, ShardWriter
     w = ShardWriter(sys.argv[1], ShardConfig(), {})
     k = w.begin_video("/v/killed.mp4", height=12, width=16, expected_frames=4, streams=("rgb",), attrs={})
     w.write_rgb(k, 0, np.zeros((4, 12, 16, 3), np.uint8))
@@ -311,7 +311,7 @@ def test_config_is_validated():
 
 
 def test_bench_measures_real_decoded_video(tmp_path):
-    from jobs import bench_shards
+    from quovadis.jobs import bench_shards
 
     parser = argparse.ArgumentParser()
     bench_shards.add_arguments(parser)
