@@ -45,7 +45,8 @@ def test_clip_times_cover_the_real_frames_of_each_clip():
     np.testing.assert_allclose(begin, [0.0, 0.64, 1.28])
     np.testing.assert_allclose(end, [0.64, 1.28, 1.6])  # the last clip ends with the video
     begin, end = clip_times(conventions.clip_starts(3, 16, 16), 16, 3, 25.0)  # a 3-frame video: 1 clip
-    np.testing.assert_allclose(begin, [0.0]) and np.testing.assert_allclose(end, [0.12])
+    np.testing.assert_allclose(begin, [0.0])
+    np.testing.assert_allclose(end, [0.12])  # 3 real frames / 25 fps, not 16 / 25
 
 
 def test_hdf5_round_trip_index_and_attrs(tmp_path):
