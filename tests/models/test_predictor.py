@@ -9,7 +9,6 @@ import torch
 
 from quovadis.models.weights import load_i3d
 from quovadis.models.predictor import I3DPredictor, PredictorConfig
-from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.conftest import shared_path
 
@@ -64,10 +63,12 @@ def test_two_streams_sum_logits_and_read_flow_as_quantised_or_pixels(weights, tw
     np.testing.assert_allclose(out["logits"], out["logits_rgb"] + out["logits_flow"], rtol=1e-6, atol=1e-5)
     flow_model = load_i3d("flow", weights["flow"])
     with torch.no_grad():
-        expected = flow_model.features(conventions.flow_to_model(batch["flow"]))
+        pixels_f64 = batch["flow"].astype(np.float64) * 40 / 255 - 20  # q -> px, the documented map, written out
+        y = torch.from_numpy((pixels_f64 / 20).astype(np.float32)).permute(0, 4, 1, 2, 3)  # px -> [-1, 1], NCTHW
+        expected = flow_model.features(y)
     np.testing.assert_allclose(out["flow"], expected.numpy(), rtol=1e-5, atol=1e-5)
     # the same flow as float pixels gives the same features (up to the quantisation's rounding)
-    pixels = dict(batch, flow=conventions.dequantize_flow(batch["flow"]))
+    pixels = dict(batch, flow=pixels_f64.astype(np.float32))
     np.testing.assert_allclose(predictor(pixels)["flow"], out["flow"], rtol=1e-4, atol=1e-4)
 
 
