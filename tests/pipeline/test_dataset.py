@@ -28,7 +28,26 @@ def coded_flow(t: int, seed: int) -> np.ndarray:
     return flow
 
 
+def quantized(flow: np.ndarray) -> np.ndarray:
+    """The documented q = round((clip(f, -20, 20) + 20) * 255 / 40), written out in numpy (ties to even)."""
+    return np.round((np.clip(flow, -20, 20) + 20) * np.float32(255 / 40)).astype(np.uint8)
+
+
+def to_model(x: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, C) -> float32 (C, T, H, W), x / 127.5 - 1, written out in numpy."""
+    return (x.astype(np.float32) / 127.5 - 1).transpose(3, 0, 1, 2)
+
+
 VIDEOS = {"/v/ten.mp4": 10, "/v/three.mp4": 3, "/v/one.mp4": 1}
+# (video, start) -> rgb frame indices and flow field indices of its clip of 4 frames, by hand from the
+# conventions docstring: frames past the end loop from `start`; the missing last field repeats T-2 -> T-1
+CLIP_INDICES = {
+    ("/v/ten.mp4", 0): ([0, 1, 2, 3], [0, 1, 2, 3]),
+    ("/v/ten.mp4", 4): ([4, 5, 6, 7], [4, 5, 6, 7]),
+    ("/v/ten.mp4", 8): ([8, 9, 8, 9], [8, 8, 8, 8]),
+    ("/v/three.mp4", 0): ([0, 1, 2, 0], [0, 1, 1, 0]),
+    ("/v/one.mp4", 0): ([0, 0, 0, 0], None),  # one frame: no flow
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +61,7 @@ def shard_dir(tmp_path_factory):
             w.write_rgb(key, 0, rgb)
             w.write_flow(key, 0, flow)
             w.end_video(key, t)
-            data[path] = (rgb, conventions.quantize_flow(flow))
+            data[path] = (rgb, quantized(flow))
     assert len(list(out.glob("shard-*.h5"))) > 1  # the dataset reads across shards
     return out, data
 
@@ -82,7 +101,7 @@ def test_value_range_layout_and_exact_values(shard_dir):
     np.testing.assert_allclose(rgb.numpy(), expected.transpose(3, 0, 1, 2), atol=1e-6)
     expected_flow = raw_flow[[8, 8, 8, 8]].astype(np.float32) / 127.5 - 1
     np.testing.assert_allclose(flow.numpy(), expected_flow.transpose(3, 0, 1, 2), atol=1e-6)
-    assert flow[1, 0, 0, 0] == pytest.approx(float(conventions.flow_to_model(np.float32([[[[0.0, -2.0]]]]))[1, 0, 0, 0]), abs=0.01)
+    assert flow[1, 0, 0, 0] == pytest.approx(-0.1, abs=0.01)  # y at (0, 0) of field 8 is 8 - 10 = -2 px: -2 / 20
     assert rgb.min() >= -1 and rgb.max() <= 1
 
     # the ends of the range: uint8 0 -> -1 and 255 -> +1
@@ -97,20 +116,22 @@ def test_center_and_random_crops_cut_the_same_box_from_rgb_and_flow(shard_dir):
     item = center[0]
     assert item["crop_box"].tolist() == [2, 4, 8, 8]  # (12 - 8) // 2, (16 - 8) // 2
     raw_rgb, raw_flow = data["/v/ten.mp4"]
-    np.testing.assert_allclose(item["rgb"].numpy(), conventions.rgb_to_model(raw_rgb[0:4, 2:10, 4:12]).numpy())
+    np.testing.assert_allclose(item["rgb"].numpy(), to_model(raw_rgb[0:4, 2:10, 4:12]), atol=1e-6)
+    np.testing.assert_allclose(item["flow"].numpy(), to_model(raw_flow[0:4, 2:10, 4:12]), atol=1e-6)
 
     ds = ShardDataset(out, clip_len=4, crop="random", crop_size=8, streams=("rgb", "flow"), seed=3)
-    boxes = set()
+    boxes, clips = set(), set()
     for i in range(len(ds)):
         item = ds[i]
         top, left, h, w = item["crop_box"].tolist()
         assert (h, w) == (8, 8) and 0 <= top <= H - 8 and 0 <= left <= W - 8
         boxes.add((top, left))
+        clips.add((item["video"], item["start"]))
         rgb, flow = data[item["video"]]
-        idx = conventions.clip_frame_indices(item["start"], 4, item["frames"])
-        fidx = conventions.clip_flow_indices(item["start"], 4, item["frames"])
-        np.testing.assert_allclose(item["rgb"].numpy(), conventions.rgb_to_model(rgb[idx, top:top + 8, left:left + 8]).numpy())
-        np.testing.assert_allclose(item["flow"].numpy(), conventions.flow_to_model(flow[fidx, top:top + 8, left:left + 8]).numpy())
+        idx, fidx = CLIP_INDICES[item["video"], item["start"]]
+        np.testing.assert_allclose(item["rgb"].numpy(), to_model(rgb[idx, top:top + 8, left:left + 8]), atol=1e-6)
+        np.testing.assert_allclose(item["flow"].numpy(), to_model(flow[fidx, top:top + 8, left:left + 8]), atol=1e-6)
+    assert clips == set(CLIP_INDICES) - {("/v/one.mp4", 0)}  # every clip with flow was checked
     assert len(boxes) > 1  # the box moves
     again = ShardDataset(out, clip_len=4, crop="random", crop_size=8, streams=("rgb", "flow"), seed=3)
     assert all(torch.equal(again[i]["rgb"], ds[i]["rgb"]) for i in range(len(ds)))  # seeded: repeatable
@@ -133,9 +154,10 @@ def test_flip_mirrors_rgb_and_flow_and_negates_flow_x(shard_dir):
         assert torch.equal(b["flow"][0], -a["flow"][0].flip(-1))  # x: mirrored and reversed
         assert torch.equal(b["flow"][1], a["flow"][1].flip(-1))  # y: mirrored only
     # a rightward motion becomes a leftward one: q for +5 px reads back as -5 px after the flip
-    q = conventions.quantize_flow(np.float32([5.0, 0.0]))
-    x = conventions.flow_to_model(q.reshape(1, 1, 1, 2))[0].item()
-    assert -x == pytest.approx(conventions.flow_to_model(conventions.quantize_flow(np.float32([[[[-5.0, 0.0]]]])))[0].item(), abs=1e-6)
+    # (+5 px -> q 159 = round(159.375), -5 px -> q 96 = round(95.625); 159 / 127.5 - 1 = -(96 / 127.5 - 1))
+    assert conventions.quantize_flow(np.float32([5.0, -5.0])).tolist() == [159, 96]
+    x = conventions.flow_to_model(np.uint8([[[[159, 96]]]]))[:, 0, 0, 0].tolist()
+    assert x == pytest.approx([31.5 / 127.5, -31.5 / 127.5], abs=1e-6)
 
 
 def test_random_temporal_start_and_flow_needs_two_frames(shard_dir):
