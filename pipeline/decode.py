@@ -3,13 +3,19 @@
 Contract of `iter_frames`:
     yields FrameChunk(start, frames) with frames uint8 (t, H, W, 3), RGB, 0..255, t <= chunk_frames,
     (H, W) = output_size(info, cfg). frames[i] is output frame start+i.
-Time base: output frame k shows the source at time `info.start_time + k / cfg.fps` (k/fps after the
-first pts of the video stream). ffmpeg's `fps` filter picks, for each output tick k, the latest
-source frame whose timestamp, rounded to the nearest tick, is <= k: the frame on screen at that
-time to within half an output frame. So variable, NTSC and low/high frame-rate sources come out
-evenly spaced and in sync with their clock; a video of duration D gives about D * fps frames.
-Geometry: ffmpeg's autorotate applies the display matrix, then one bilinear `scale` goes straight
-to the size computed here (SAR made square, shorter side `short_side`), converting to rgb24.
+Time base: output frame k is tick n0 + k of the grid `info.start_time + n / cfg.fps`, where tick
+n0 = first_tick(info, cfg) is the one nearest the first decoded frame: frame 0 is the first decoded
+frame, never a copy of it pushed back to the stream start (as MediaPipe's PacketResamplerCalculator
+anchors the Kinetics 25 fps grid). ffmpeg's `fps` filter picks, for each tick n, the latest source
+frame whose timestamp, rounded to the nearest tick, is <= n: the frame on screen at that time to
+within half an output frame. So variable, NTSC and low/high frame-rate sources come out evenly
+spaced and in sync with their clock; a video of duration D gives about D * fps frames.
+Geometry and colour: ffmpeg's autorotate applies the display matrix and ffmpeg converts to rgb24
+at the decoded size (the same swscale conversion cv2.VideoCapture makes); then cv2.resize
+INTER_LINEAR goes straight to the size computed here (SAR made square, shorter side `short_side`,
+the longer side truncated). Converting before resizing, as the Kinetics preprocessing (decode,
+then resize bilinearly) does: ffmpeg scaling yuv420p and converting in one step comes out about
+one grey level brighter, and swscale's `bilinear` is an area filter when downscaling.
 Segments: for any 0 <= a < b, iter_frames(start=a, end=b) gives exactly frames[a:b] of the full
 decode, bit for bit. Timestamps stay on the source clock (`-copyts`), the input seeks (to the
 keyframe before) a margin ahead of a, `fps` resamples on that absolute clock and `trim` keeps
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import ffmpeg
 import numpy as np
 
@@ -75,14 +82,29 @@ class DecodeConfig:
 
 def output_size(info: VideoInfo, cfg: DecodeConfig) -> tuple[int, int]:
     """(height, width) of the output frames: display size (square pixels, rotated), then the shorter
-    side scaled to cfg.short_side with the aspect kept (rounded to the nearest pixel)."""
+    side scaled to cfg.short_side with the aspect kept, the longer side truncated to whole pixels
+    (176x144 -> 312x256) as MediaPipe's ScaleImageCalculator and torchvision/PIL resizes do."""
     w, h = info.display_size()
     s = cfg.short_side
     if s == 0:
         return h, w
     if w <= h:
-        return max(1, int(h * s / w + 0.5)), s
-    return s, max(1, int(w * s / h + 0.5))
+        return max(1, h * s // w), s
+    return s, max(1, w * s // h)
+
+
+def decoded_size(info: VideoInfo) -> tuple[int, int]:
+    """(height, width) of the rgb24 frames ffmpeg writes: the coded size, turned by autorotate."""
+    if info.rotation % 180 == 90:
+        return info.width, info.height
+    return info.height, info.width
+
+
+def first_tick(info: VideoInfo, cfg: DecodeConfig) -> int:
+    """The tick of the grid start_time + n/fps nearest the first decoded frame: output frame 0."""
+    if info.first_frame_time is None:
+        return 0
+    return max(0, math.floor((info.first_frame_time - info.start_time) * cfg.fps + 0.5))
 
 
 @dataclass(frozen=True)
@@ -129,15 +151,16 @@ def seek_seconds(info: VideoInfo, cfg: DecodeConfig, start: int) -> float:
     0 for none: raw streams and containers that do not seek to keyframes decode from 0 and trim."""
     if start <= 0 or info.duration is None or not seeks_exactly(info):
         return 0.0
-    return max(0.0, start / cfg.fps - max(SEEK_MARGIN_S, 2.0 / (info.fps or cfg.fps)))
+    tick = start + first_tick(info, cfg)
+    return max(0.0, tick / cfg.fps - max(SEEK_MARGIN_S, 2.0 / (info.fps or cfg.fps)))
 
 
 def build_command(info: VideoInfo, cfg: DecodeConfig, start: int = 0, end: int | None = None) -> list[str]:
     """The ffmpeg argument list (via ffmpeg-python) that writes output frames [start, end) as raw
-    rgb24 to stdout."""
+    rgb24 at decoded_size(info) to stdout (iter_frames resizes them)."""
     if start < 0 or (end is not None and end <= start):
         raise ConfigError(f"bad frame range [{start}, {end}) for {info.path}")
-    height, width = output_size(info, cfg)
+    n0 = first_tick(info, cfg)
     ss = seek_seconds(info, cfg, start)
     in_kwargs: dict = {"copyts": None}  # keep source timestamps: frame numbers stay absolute when seeking
     if ss > 0:
@@ -147,15 +170,16 @@ def build_command(info: VideoInfo, cfg: DecodeConfig, start: int = 0, end: int |
         stream = stream.filter("setpts", f"PTS-round({info.start_time!r}/TB)")
     rate = cfg.rate
     # start_time pins tick 0 to the stream start even when the first decoded frame comes later
-    # (it is repeated back to 0). After a seek it is the whole second before the seek point: the
-    # offset is then exact in every time base, so ticks round exactly as in a decode from 0.
+    # (it is repeated back to 0, and trim drops the ticks before n0). After a seek it is the whole
+    # second before the seek point: the offset is then exact in every time base, so ticks round
+    # exactly as in a decode from 0.
     stream = stream.filter("fps", fps=f"{rate.numerator}/{rate.denominator}", start_time=int(ss))
-    if start > 0 or end is not None:  # after `fps` the time base is 1/fps: pts == output frame number
-        trim = {"start_pts": start} if start > 0 else {}
+    if start + n0 > 0 or end is not None:  # after `fps` the time base is 1/fps: pts == tick number
+        trim = {"start_pts": start + n0} if start + n0 > 0 else {}
         if end is not None:
-            trim["end_pts"] = end
+            trim["end_pts"] = end + n0
         stream = stream.filter("trim", **trim)
-    stream = stream.filter("scale", width, height, flags="bilinear").filter("format", "rgb24")
+    stream = stream.filter("format", "rgb24")
     out_kwargs: dict = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
     if end is not None:
         out_kwargs["frames:v"] = end - start
@@ -183,7 +207,8 @@ def iter_frames(
         info = probe(path)
     cmd = build_command(info, cfg, start, end)
     height, width = output_size(info, cfg)
-    frame_bytes = height * width * 3
+    decoded = decoded_size(info)
+    native = None if decoded == (height, width) else np.empty((*decoded, 3), np.uint8)  # one frame
     wanted = None if end is None else end - start
     log.debug("decoding %s frames [%d, %s): %s", path, start, end, cmd)
 
@@ -197,11 +222,10 @@ def iter_frames(
             while wanted is None or done < wanted:
                 n = cfg.chunk_frames if wanted is None else min(cfg.chunk_frames, wanted - done)
                 buf = np.empty((n, height, width, 3), np.uint8)
-                got = _read_into(proc.stdout, memoryview(buf).cast("B"))
-                if got % frame_bytes:
+                k, partial = _read_frames(proc.stdout, buf, native)
+                if partial:
                     proc.wait()
                     raise DecodeError(f"{path}: ffmpeg output ended inside a frame ({_stderr_tail(errf)})")
-                k = got // frame_bytes
                 if k:
                     yield FrameChunk(start + done, buf[:k])
                     done += k
@@ -224,6 +248,23 @@ def iter_frames(
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
+
+def _read_frames(stream, out: np.ndarray, native: np.ndarray | None) -> tuple[int, bool]:
+    """Fill `out` (t, H, W, 3) with up to t frames; returns (frames read, whether the stream ended
+    inside a frame). With `native` (one decoded-size frame), frames are read into it one at a time
+    and resized bilinearly (cv2 INTER_LINEAR, half-pixel centres) into `out`: memory stays one
+    decoded frame plus the chunk."""
+    if native is None:
+        got = _read_into(stream, memoryview(out).cast("B"))
+        return got // out[0].nbytes, got % out[0].nbytes != 0
+    size = (out.shape[2], out.shape[1])  # cv2 takes (width, height)
+    for i in range(len(out)):
+        got = _read_into(stream, memoryview(native).cast("B"))
+        if got < native.nbytes:
+            return i, got > 0
+        out[i] = cv2.resize(native, size, interpolation=cv2.INTER_LINEAR)
+    return len(out), False
 
 
 def _read_into(stream, view: memoryview) -> int:

@@ -2,7 +2,10 @@
 
 `probe(path)` runs `ffmpeg -hide_banner -i FILE` and parses the stream dump ffmpeg writes to
 stderr: container duration and start, and for the first video stream that is not cover art its
-codec, coded size, sample aspect ratio, frame rate, start time and display-matrix rotation. One
+codec, coded size, sample aspect ratio, frame rate, start time and display-matrix rotation. The
+same run decodes that stream's first frame through `showinfo` for its pts: the first *decoded*
+frame can come after the stream start (an AVI with B-frames starts at 0.04 s), and decode anchors
+its 25 fps grid there, as the Kinetics preprocessing does (see decode.first_tick). One
 code path for every machine: imageio-ffmpeg ships `ffmpeg` but no `ffprobe`, so we never need it.
 The dump format was checked against ffmpeg 9.0.2 (imageio-ffmpeg 0.6 binary); it has been stable
 since ffmpeg 4 ("Display Matrix: rotation of ..." since 5.0).
@@ -54,7 +57,8 @@ class VideoInfo:
     `rotation` is in degrees clockwise that the coded picture is turned for display (the legacy
     `rotate` tag convention; ffmpeg prints the display matrix counter-clockwise, so its "rotation
     of -90.00 degrees" is our 90). Times are in seconds on the source clock; `start_time` is the
-    first pts of the video stream (frame k of the decode shows the source at start_time + k/fps).
+    first pts of the video stream; `first_frame_time` that of its first decoded frame (None when
+    probing could not decode one), where decode's frame 0 is.
     """
 
     path: str
@@ -70,6 +74,7 @@ class VideoInfo:
     has_audio: bool
     stream_index: int = 0  # index of the chosen video stream in the file (ffmpeg `-map 0:N`)
     container: str = ""  # ffmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "hevc"
+    first_frame_time: float | None = None  # pts of the first decoded frame, seconds on the source clock
 
     def display_size(self) -> tuple[int, int]:
         """(width, height) as displayed: width stretched by the SAR, then swapped when rotated by
@@ -92,7 +97,9 @@ def probe(path: str | Path) -> VideoInfo:
     """
     path = str(path)
     size = _check_readable(path)
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-i", path]
+    # -copyts: showinfo prints the source pts; 0:V:0 is the first video stream that is not cover art
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-copyts", "-i", path,
+           "-map", "0:V:0?", "-frames:v", "1", "-vf", "showinfo", "-f", "null", "-"]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
@@ -129,11 +136,16 @@ _SAR_RE = re.compile(r"\bSAR (\d+):(\d+)")
 _RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(k?) (fps|tbr)$")
 _START_RE = re.compile(r"\bstart (-?\d+(?:\.\d+)?)")
 _ROTATION_RE = re.compile(r"Display Matrix: rotation of (-?\d+(?:\.\d+)?) degrees")
+_SHOWINFO_TB_RE = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]*\] config in time_base: (\d+)/(\d+)")
+_SHOWINFO_FRAME_RE = re.compile(r"\[Parsed_showinfo_\d+ @ [^\]]*\] n: *0 pts: *(-?\d+) ")
 
 
 def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
     """Parse the stderr of `ffmpeg -i FILE` into a VideoInfo (DecodeError when there is no video)."""
-    lines = text.splitlines()
+    all_lines = text.splitlines()
+    # the input's dump ends where the output's begins; its "Stream #0:0: Video: wrapped_avframe" is not ours
+    end = next((i for i, line in enumerate(all_lines) if line.startswith(("Stream mapping:", "Output #"))), None)
+    lines = all_lines[:end]
     if not any(line.startswith("Input #") for line in lines):
         raise DecodeError(f"{path}: ffmpeg cannot open it: {_ffmpeg_cause(lines)}")
 
@@ -149,6 +161,7 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
 
     has_audio = False
     video: tuple[int, str, list[str]] | None = None  # (stream index, stream line, its side-data lines)
+    first_plain_video: int | None = None  # the stream `-map 0:V:0` decodes: first video not cover art
     skipped: list[str] = []
     current: list[str] | None = None
     for line in lines:
@@ -158,6 +171,8 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
             has_audio |= m["kind"] == "Audio"
             if m["kind"] == "Video":
                 codec = m["rest"].split(",")[0].split()[0]
+                if first_plain_video is None and "(attached pic)" not in m["rest"]:
+                    first_plain_video = int(m["index"])
                 if "(attached pic)" in m["rest"] or codec in _NOT_VIDEO_CODECS:
                     skipped.append(codec)
                 elif video is None:
@@ -209,6 +224,8 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
             rotation = int(round(-float(m[1]) / 90.0)) * 90 % 360
             break
 
+    first_frame_time = _first_frame_time(all_lines) if index == first_plain_video else None
+
     return VideoInfo(
         path=path,
         size_bytes=size_bytes,
@@ -223,7 +240,17 @@ def parse_probe_output(text: str, *, path: str, size_bytes: int) -> VideoInfo:
         has_audio=has_audio,
         stream_index=index,
         container=container,
+        first_frame_time=first_frame_time,
     )
+
+
+def _first_frame_time(lines: list[str]) -> float | None:
+    """pts in seconds of the first frame showinfo saw (its integer pts over the filter's time base)."""
+    tb = next((m for line in lines if (m := _SHOWINFO_TB_RE.search(line))), None)
+    frame = next((m for line in lines if (m := _SHOWINFO_FRAME_RE.search(line))), None)
+    if tb is None or frame is None or int(tb[2]) == 0:
+        return None
+    return float(Fraction(int(frame[1]) * int(tb[1]), int(tb[2])))
 
 
 def _ffmpeg_cause(lines: list[str]) -> str:

@@ -6,10 +6,19 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import cv2
 import numpy as np
 import pytest
 
-from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments, seek_seconds
+from quovadis.pipeline.decode import (
+    DecodeConfig,
+    Segment,
+    first_tick,
+    iter_frames,
+    output_size,
+    plan_segments,
+    seek_seconds,
+)
 from quovadis.pipeline.errors import ConfigError, DecodeError
 from quovadis.pipeline.probe import probe
 from tests.conftest import shared_path
@@ -119,7 +128,7 @@ def test_non_square_pixels_come_out_square(tmp_path):
     left, top, right, bottom = marker_box(frames[0])
     width, height = right - left + 1, bottom - top + 1
     assert height == MARKER and abs(width - 2 * MARKER) <= 2  # a coded square is displayed 2:1
-    assert output_size(info, DecodeConfig()) == (256, 683)
+    assert output_size(info, DecodeConfig()) == (256, 682)  # 320 * 256 / 120 = 682.7, truncated
 
 
 SHARED = {  # file: (frames at 25 fps, output (H, W)) -- counts are duration x 25, +-1
@@ -147,7 +156,7 @@ def test_shared_videos_decode(name, webm_frames):
     info = probe(path)
     assert output_size(info, DecodeConfig()) == hw
     if name.endswith(".webm"):
-        frames, hw = webm_frames, (64, 114)
+        frames, hw = webm_frames, (64, 113)  # 1280 * 64 / 720 = 113.8, truncated
     else:
         frames = decode_all(path, DecodeConfig(), info=info)
     assert frames.dtype == np.uint8 and frames.shape[1:] == (*hw, 3)
@@ -271,3 +280,81 @@ def test_config_validation():
         with pytest.raises(ConfigError):
             DecodeConfig(**bad)
     assert DecodeConfig(fps=29.97).rate == Fraction(2997, 100)
+
+
+# Frames as the released model saw them: decoded, converted to RGB at the decoded size, then resized
+# bilinearly; size truncated; the 25 fps grid anchored at the first decoded frame.
+
+
+def capture_frames(path, count: int | None = None) -> list[np.ndarray]:
+    """Source frames as cv2.VideoCapture decodes them (its own ffmpeg), RGB, at the coded size."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while count is None or len(frames) < count:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames
+
+
+@pytest.mark.parametrize(
+    "name, hw",
+    [("mmaction2_test_mpeg4.avi", (256, 341)), ("bigbuckbunny_h264_720p25.mp4", (256, 455))],
+)
+def test_frames_equal_native_rgb_resized_bilinearly(name, hw):
+    """25 fps sources, so output frame k is source frame k: ours against cv2.VideoCapture frames
+    resized by cv2.resize INTER_LINEAR to the literal size. One-step ffmpeg scaling was about +1
+    grey level brighter (bias +1.0 on the avi, +1.2 on the mp4) and differed by 1.0 and 2.9 on average."""
+    path = shared_path("videos", name)
+    count = 30
+    ours = decode_all(path, DecodeConfig(), end=count)
+    height, width = hw
+    ref = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in capture_frames(path, count)])
+    assert ours.shape == ref.shape == (count, height, width, 3)
+    diff = ours.astype(np.float64) - ref
+    mean_abs, bias = np.abs(diff).mean(), diff.mean()
+    assert mean_abs < 0.5 and abs(bias) < 0.2, f"mean |diff| {mean_abs:.3f}, bias {bias:+.3f} grey levels"
+
+
+def test_output_size_truncates_the_longer_side():
+    from quovadis.pipeline.probe import VideoInfo
+
+    def size(w, h, sar=1.0, rotation=0, short_side=256):
+        info = VideoInfo("x.mp4", 1, "h264", w, h, sar, rotation, 25.0, 1.0, 0.0, False)
+        return output_size(info, DecodeConfig(short_side=short_side))
+
+    assert size(176, 144) == (256, 312)  # 312.9: rounding gave 313
+    assert size(144, 176) == (312, 256)
+    assert size(320, 240) == (256, 341)  # 341.3
+    assert size(1280, 720) == (256, 455)  # 455.1
+    assert size(1920, 1080) == (256, 455)
+    assert size(568, 320, rotation=90) == (454, 256)  # 454.4, upright
+    assert size(160, 120, sar=2.0) == (256, 682)  # displayed 320x120: 682.7
+    assert size(96, 64) == (256, 384)  # exact
+    assert size(176, 144, short_side=0) == (144, 176)
+
+
+def test_first_decoded_frame_is_frame_zero(tmp_path):
+    """An AVI with B-frames stores no pts: the stream starts at 0 but its first decoded frame has pts
+    0.04 s (as the shared mmaction2 AVI). Frame 0 is that frame, not a copy of it at 0 s, so 25 fps
+    in gives as many frames out as the source has, each equal to its source frame."""
+    path = make_video(tmp_path / "bf.avi", fps=25, duration=4.0, size=(96, 64), codec="mpeg4", extra=["-bf", "2"])
+    info = probe(path)
+    assert info.start_time == 0.0 and info.first_frame_time == pytest.approx(0.04)
+    assert first_tick(info, KEEP) == 1
+    source = capture_frames(path)
+    frames = decode_all(path, info=info)
+    assert len(source) == 100 and len(frames) == 100
+    assert np.array_equal(frames[0], source[0]) and np.array_equal(frames[-1], source[-1])
+    assert seek_seconds(info, KEEP, 60) > 0  # a segment that seeks keeps the same numbering
+    assert np.array_equal(decode_all(path, info=info, start=60, end=70), frames[60:70])
+
+
+def test_shared_avi_first_frame_is_source_first_frame():
+    path = shared_path("videos", "mmaction2_test_mpeg4.avi")
+    source = capture_frames(path)
+    frames = decode_all(path)
+    assert len(frames) == len(source) == 164
+    assert np.array_equal(frames[0], source[0]) and np.array_equal(frames[1], source[1])

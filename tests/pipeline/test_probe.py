@@ -135,7 +135,7 @@ def test_without_ffmpeg_on_path_the_pip_binary_is_used(tmp_path, monkeypatch):
     path = shared_path("videos", "mmaction2_test_mpeg4.avi")  # probe and decode need no PATH at all
     assert probe(path).codec == "mpeg4"
     first = next(iter_frames(path, DecodeConfig(short_side=32, chunk_frames=4)))
-    assert first.frames.shape == (4, 32, 43, 3)  # 320x240 -> 42.67 rounds to 43
+    assert first.frames.shape == (4, 32, 42, 3)  # 320x240 -> 42.67, truncated to 42
 
 
 def test_ffmpeg_on_path_is_preferred(tmp_path, monkeypatch):
