@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from quovadis.jobs import show
-from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import QuovadisError, ShardError
 from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray
 from quovadis.pipeline.flowviz import flow_to_color
@@ -49,7 +48,10 @@ def shard_dir(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
         writer.write_rgb(key, 0, rgb)
         writer.write_flow(key, 0, flow)
         writer.end_video(key, T)
-    return out, rgb, conventions.dequantize_flow(conventions.quantize_flow(flow))
+    # what the sheet should show: the flow as stored, q = round((clip(f, -20, 20) + 20) * 255 / 40), read
+    # back as q * 40 / 255 - 20 px; written out here rather than through conventions, which show reads with
+    q = np.round((np.clip(flow, -20, 20) + 20) * np.float32(255 / 40))
+    return out, rgb, q * np.float32(40 / 255) - 20
 
 
 def run_show(*argv: str) -> int:
