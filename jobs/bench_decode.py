@@ -18,7 +18,7 @@ from pathlib import Path
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.pipeline import conventions
 from quovadis.pipeline.decode import DecodeConfig, iter_frames, output_size
-from quovadis.pipeline.probe import ffmpeg_exe, probe
+from quovadis.pipeline.probe import ffmpeg_exe, ffmpeg_input, probe
 from quovadis.pipeline.shards import ShardConfig, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _ffmpeg_ceiling(path: str, cfg: DecodeConfig, height: int, width: int) -> tuple[float, int]:
-    cmd = [ffmpeg_exe(), "-v", "error", "-i", path, "-an", "-sn",
+    cmd = [ffmpeg_exe(), "-v", "error", "-i", ffmpeg_input(path), "-an", "-sn",
            "-vf", f"fps={cfg.fps},scale={width}:{height}:flags=bilinear", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     frame_bytes = height * width * 3
     started = time.perf_counter()

@@ -131,11 +131,11 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _decode(path: str, count: int, height: int, width: int) -> np.ndarray:
     """The first `count` frames, scaled to cover height x width and centre cropped: uint8 (T, H, W, 3)."""
-    from quovadis.pipeline.probe import ffmpeg_exe
+    from quovadis.pipeline.probe import ffmpeg_exe, ffmpeg_input
 
     vf = (f"scale=w='if(gt(a,{width}/{height}),-2,{width})':h='if(gt(a,{width}/{height}),{height},-2)'"
           f":flags=bilinear,crop={width}:{height}")
-    cmd = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-an", "-sn", "-vf", vf, "-frames:v", str(count),
+    cmd = [ffmpeg_exe(), "-v", "error", "-i", ffmpeg_input(path), "-an", "-sn", "-vf", vf, "-frames:v", str(count),
            "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     try:
         raw = subprocess.run(cmd, check=True, capture_output=True).stdout

@@ -25,7 +25,7 @@ import numpy as np
 from quovadis.jobs.report import JobReport
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, DecodeError
-from quovadis.pipeline.probe import ffmpeg_exe
+from quovadis.pipeline.probe import ffmpeg_exe, ffmpeg_input
 from quovadis.pipeline.shards import ShardConfig, ShardReader, ShardWriter, list_shards
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _decode(path: Path, short_side: int, max_seconds: float) -> np.ndarray:
     """uint8 (T, H, W, 3) frames at conventions.FPS with the short side scaled to `short_side`."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", str(path), "-t", str(max_seconds),
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-i", ffmpeg_input(path), "-t", str(max_seconds),
            "-an", "-vf", f"fps={conventions.FPS:g},scale=-2:{short_side}", "-f", "rawvideo", "-pix_fmt", "rgb24",
            "-"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True)

@@ -42,7 +42,7 @@ import numpy as np
 
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, DecodeError
-from quovadis.pipeline.probe import VideoInfo, ffmpeg_exe, probe
+from quovadis.pipeline.probe import VideoInfo, ffmpeg_exe, ffmpeg_input, probe
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def build_command(info: VideoInfo, cfg: DecodeConfig, start: int = 0, end: int |
     in_kwargs: dict = {"copyts": None}  # keep source timestamps: frame numbers stay absolute when seeking
     if ss > 0:
         in_kwargs.update(ss=f"{ss:.6f}", noaccurate_seek=None)
-    stream = ffmpeg.input(info.path, **in_kwargs)[str(info.stream_index)]
+    stream = ffmpeg.input(ffmpeg_input(info.path), **in_kwargs)[str(info.stream_index)]
     if info.start_time:  # put the video's first pts at 0 (in input time-base ticks, rounded)
         stream = stream.filter("setpts", f"PTS-round({info.start_time!r}/TB)")
     rate = cfg.rate
@@ -194,6 +194,7 @@ def iter_frames(
     info: VideoInfo | None = None,
     start: int = 0,
     end: int | None = None,
+    warnings: list[str] | None = None,
 ) -> Iterator[FrameChunk]:
     """Decode output frames [start, end) of `path` (see the module docstring for the contract).
 
@@ -201,6 +202,9 @@ def iter_frames(
     worker down; it is killed when the generator is closed early. Raises DecodeError naming the
     file: ffmpeg failing (with its last stderr line), a decode from frame 0 giving no frames, a
     truncated file. An error can come after some chunks were yielded: callers discard partial output.
+    ffmpeg errors of a decode that still gave its frames (a damaged stream, concealed) are logged
+    and appended to `warnings`: the job runs this in a worker whose log the user never sees, so it
+    carries them back and records them with the video.
     """
     path = str(path)
     if info is None:
@@ -232,6 +236,7 @@ def iter_frames(
                 if k < n:
                     break
             if wanted is not None and done >= wanted:
+                _note_errors(path, start, done, _stderr_tail(errf), warnings)
                 return  # all we asked for: the finally clause stops ffmpeg
             rc = proc.wait()
             errors = _stderr_tail(errf)
@@ -241,13 +246,22 @@ def iter_frames(
                 raise DecodeError(f"{path}: no video frames could be decoded ({errors or 'stream is empty'})")
             if "partial file" in errors:
                 raise DecodeError(f"{path}: truncated file, decoding stopped after {done} frames ({errors})")
-            if errors:
-                log.warning("%s: ffmpeg reported errors while decoding (kept %d frames): %s", path, done, errors)
+            _note_errors(path, start, done, errors, warnings)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
+
+def _note_errors(path: str, start: int, done: int, errors: str, warnings: list[str] | None) -> None:
+    """Log ffmpeg's last error line of a decode that kept its frames, and append it to `warnings`."""
+    if not errors:
+        return
+    message = f"ffmpeg reported errors decoding frames [{start}, {start + done}), kept: {errors}"
+    log.warning("%s: %s", path, message)
+    if warnings is not None:
+        warnings.append(message)
 
 
 def _read_frames(stream, out: np.ndarray, native: np.ndarray | None) -> tuple[int, bool]:

@@ -11,6 +11,7 @@ The dump format was checked against ffmpeg 9.0.2 (imageio-ffmpeg 0.6 binary); it
 since ffmpeg 4 ("Display Matrix: rotation of ..." since 5.0).
 
 `ffmpeg_exe()` picks `ffmpeg` from PATH when there is one, else the imageio-ffmpeg binary.
+`ffmpeg_input(path)` is the form every input path is given to ffmpeg in (`file:` prefixed).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def ffmpeg_input(path: str | Path) -> str:
+    """`path` as ffmpeg reads an input: with `file:` in front, so that a file named `pipe:x`,
+    `concat:a|b` or `http:...` (given relative) is that file, never an ffmpeg protocol."""
+    return f"file:{path}"
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def probe(path: str | Path) -> VideoInfo:
     path = str(path)
     size = _check_readable(path)
     # -copyts: showinfo prints the source pts; 0:V:0 is the first video stream that is not cover art
-    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-copyts", "-i", path,
+    cmd = [ffmpeg_exe(), "-nostdin", "-hide_banner", "-copyts", "-i", ffmpeg_input(path),
            "-map", "0:V:0?", "-frames:v", "1", "-vf", "showinfo", "-f", "null", "-"]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)

@@ -168,6 +168,17 @@ def make_truncated(src: str | Path, path: str | Path, fraction: float = 0.5) -> 
     return Path(path)
 
 
+def make_damaged(src: str | Path, path: str | Path, at: tuple[float, ...] = (0.4, 0.6)) -> Path:
+    """`src` with 64 bytes overwritten at each fraction `at` of its size: ffmpeg reports decode
+    errors there (mpeg4 in AVI: "ac-tex damaged", "Error at MB") but still gives every frame."""
+    data = bytearray(Path(src).read_bytes())
+    for fraction in at:
+        i = int(len(data) * fraction)
+        data[i : i + 64] = bytes(range(64))
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
 def make_random_bytes(path: str | Path, n: int = 50_000, seed: int = 0) -> Path:
     """`n` random bytes (seeded), e.g. named .mp4."""
     Path(path).write_bytes(random.Random(seed).randbytes(n))

@@ -4,6 +4,7 @@ bad input, bit-exact segments, chunking. Videos come from tests/videos.py (ffmpe
 from __future__ import annotations
 
 import math
+import shutil
 from fractions import Fraction
 
 import cv2
@@ -26,6 +27,7 @@ from tests.videos import (
     MARGIN,
     MARKER,
     make_audio_only,
+    make_damaged,
     make_random_bytes,
     make_truncated,
     make_video,
@@ -358,3 +360,32 @@ def test_shared_avi_first_frame_is_source_first_frame():
     frames = decode_all(path)
     assert len(frames) == len(source) == 164
     assert np.array_equal(frames[0], source[0]) and np.array_equal(frames[1], source[1])
+
+
+@pytest.mark.parametrize("name", ["pipe:x.mp4", "concat:a|b.mp4"])
+def test_file_names_like_ffmpeg_protocols_are_read_as_files(tmp_path, monkeypatch, name):
+    """A relative name such as `pipe:x` or `concat:a|b` is the file of that name, not an ffmpeg
+    protocol (stdin, a concatenation of `a` and `b.mp4`)."""
+    original = make_video(tmp_path / "v.mp4", fps=25, duration=0.6, size=(64, 48), lossless=True)
+    expected = decode_all(original)
+    shutil.copyfile(original, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    info = probe(name)
+    assert (info.path, info.width, info.height, info.first_frame_time) == (name, 64, 48, 0.0)
+    frames = decode_all(name, info=info)
+    assert len(frames) == 15 and np.array_equal(frames, expected)
+
+
+def test_decode_errors_that_keep_the_frames_are_returned_as_warnings(tmp_path):
+    """A damaged stream that ffmpeg conceals gives all its frames, and its error messages come back
+    in `warnings` (whole decode and a segment that stops before the end) instead of a worker's log."""
+    clean = make_video(tmp_path / "v.avi", fps=25, duration=2.0, codec="mpeg4")
+    damaged = make_damaged(clean, tmp_path / "damaged.avi")
+    warnings: list[str] = []
+    assert len(decode_all(damaged, warnings=warnings)) == 50
+    assert len(warnings) == 1 and "frames [0, 50), kept: Error at MB" in warnings[0]
+    segment: list[str] = []
+    assert len(decode_all(damaged, start=0, end=40, warnings=segment)) == 40
+    assert len(segment) == 1 and "frames [0, 40), kept: " in segment[0]
+    none: list[str] = []
+    assert len(decode_all(clean, warnings=none)) == 50 and none == []
