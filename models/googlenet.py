@@ -88,13 +88,13 @@ class Inception(nn.Module):
 
 
 class GoogLeNetBN(nn.Module):
-    """Inception-v1 with BatchNorm on (N, 3, H, W) in [-1, 1]; shapes for 224x224."""
+    """Inception-v1 with BatchNorm on (N, C, H, W) in [-1, 1] (C = `in_channels`); shapes for 224x224."""
 
-    def __init__(self, *, num_classes: int = 1000, dropout: float = 0.2) -> None:
+    def __init__(self, *, num_classes: int = 1000, in_channels: int = 3, dropout: float = 0.2) -> None:
         super().__init__()
         w = {g: MIXED_WIDTHS[i] for g, i in GOOGLENET_TO_I3D.items() if g.startswith("inception")}
         self.num_classes = num_classes
-        self.conv1 = BasicConv2d(3, 64, 7, stride=2)
+        self.conv1 = BasicConv2d(in_channels, 64, 7, stride=2)  # 3 = RGB, 20 = 10 stacked flow fields
         self.maxpool1 = MaxPoolSame((3, 3), (2, 2))
         self.conv2 = BasicConv2d(64, 64, 1)
         self.conv3 = BasicConv2d(64, 192, 3)
@@ -114,7 +114,7 @@ class GoogLeNetBN(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 224, 224) -> inception5b activations (N, 1024, 7, 7)."""
+        """(N, C, 224, 224) -> inception5b activations (N, 1024, 7, 7)."""
         x = self.maxpool1(self.conv1(x))  # (N, 64, 56, 56)
         x = self.conv3(self.conv2(x))  # (N, 192, 56, 56)
         x = self.maxpool2(x)  # (N, 192, 28, 28)
@@ -145,3 +145,11 @@ def read_googlenet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         model = GoogLeNetBN(num_classes=fc.shape[0])
     check_state_dict(model, state_dict, str(path))
     return state_dict
+
+
+def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A copy of a GoogLeNet state dict whose conv1 takes `in_channels` inputs: the RGB filters
+    averaged over their 3 channels and repeated (the cross-modality initialisation of Wang et al.,
+    TSN, ECCV 2016), e.g. 20 for a stack of 10 flow fields (x, y interleaved)."""
+    w = state_dict["conv1.conv.weight"]  # (64, 3, 7, 7)
+    return {**state_dict, "conv1.conv.weight": w.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)}
