@@ -9,10 +9,14 @@ The fixed point holds exactly where no time padding is read. Zero padding in tim
 convolutions) changes the outputs within a receptive field of the clip's first and last frames;
 max-pools pad with -inf and keep it. `tests/models/test_inflate.py` checks both facts.
 
-Two entry points:
+Entry points:
 - `inflate(model2d, time_spec, mode)`: a copy of a torch model with every Conv2d, BatchNorm2d,
   MaxPool2d and AvgPool2d replaced by its 3D version (the model's forward must be written
   dimension-agnostic, e.g. an nn.Sequential of such layers);
+- `inflate_state_dict(state_dict_2d, model3d, mode)`: any 2D state dict inflated onto the keys
+  and shapes of a model made by `inflate` (e.g. an ImageNet checkpoint for a fresh 3D model);
+- `i3d_resnet50(...)`: ResNet-50 (`models.resnet`) inflated as I3D-ResNet-50, see
+  `resnet50_time_spec`;
 - `i3d_from_googlenet(state_dict_2d)`: the Inception-v1 GoogLeNet-BN state dict
   (`models.googlenet`) mapped onto `models.i3d.InceptionI3d`'s, for `quovadis inflate`.
 """
@@ -28,6 +32,7 @@ from torch import nn
 
 from quovadis.models.googlenet import AUX_PREFIXES, BRANCHES_TO_I3D, GOOGLENET_TO_I3D, GoogLeNetBN
 from quovadis.models.i3d import InceptionI3d
+from quovadis.models.resnet import ResNet50
 from quovadis.models.weights import check_state_dict
 from quovadis.pipeline.errors import ConfigError, WeightsError
 
@@ -218,3 +223,68 @@ def i3d_from_googlenet(
     if out.keys() != target.keys():
         raise WeightsError(f"inflation left I3D keys unset: {sorted(target.keys() - out.keys())}")
     return {k: out[k] for k in target}  # I3D order
+
+
+def inflate_state_dict(
+    state_dict_2d: Mapping[str, torch.Tensor], model3d: nn.Module, *, mode: str = "mean"
+) -> dict[str, torch.Tensor]:
+    """`model3d`'s state dict from the 2D one it was inflated from: the same keys, conv weights
+    (4D where model3d has 5D) inflated to model3d's temporal size, everything else copied.
+    Raises WeightsError listing missing / unexpected / mis-shaped keys."""
+    target = model3d.state_dict()
+    missing = [k for k in target if k not in state_dict_2d]
+    unexpected = [k for k in state_dict_2d if k not in target]
+    if missing or unexpected:
+        raise WeightsError(f"the 2D state dict does not fit {type(model3d).__name__}: missing {missing}, unexpected {unexpected}")
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in target.items():
+        value = state_dict_2d[key]
+        if ref.ndim == 5 and value.ndim == 4:  # conv (out, in, kh, kw) -> (out, in, t, kh, kw)
+            value = inflate_conv(value, ref.shape[2], mode)
+        if value.shape != ref.shape:
+            raise WeightsError(f"{key}: inflated shape {tuple(value.shape)} != 3D model's {tuple(ref.shape)}")
+        out[key] = value.clone()
+    return out
+
+
+# I3D-ResNet-50's inflated bottlenecks (block indices per stage): every other block from layer2
+# on, as the I3D ResNet-50 of Non-local Networks (Wang et al., CVPR 2018) and mmaction2's i3d_r50.
+RESNET50_INFLATED_BLOCKS: dict[str, tuple[int, ...]] = {
+    "layer1": (0, 1, 2),
+    "layer2": (0, 2),
+    "layer3": (0, 2, 4),
+    "layer4": (1,),
+}
+
+
+def resnet50_time_spec(name: str, layer: nn.Module) -> TimeSpec:
+    """I3D-ResNet-50's temporal kernels: conv1 5x7x7 with time stride 2 and the stem max-pool
+    3x3x3 with time stride 2 (T/4 time steps after the stem, as mmaction2's i3d_r50); the first
+    1x1 conv of each inflated bottleneck becomes 3x1x1 (padding 1, the "3x1x1" style); every other
+    layer gets temporal kernel 1."""
+    if name == "conv1":
+        return TimeSpec(5, stride=2, padding=2)
+    if name == "maxpool":
+        return TimeSpec(3, stride=2, padding=1)
+    stage, _, rest = name.partition(".")
+    block, _, leaf = rest.partition(".")
+    if leaf == "conv1" and int(block) in RESNET50_INFLATED_BLOCKS.get(stage, ()):
+        return TimeSpec(3, stride=1, padding=1)
+    return TimeSpec(1)
+
+
+def i3d_resnet50(
+    state_dict_2d: Mapping[str, torch.Tensor] | None = None, *, num_classes: int = 1000, mode: str = "mean"
+) -> ResNet50:
+    """I3D-ResNet-50 on (N, 3, T, H, W): `ResNet50` inflated with `resnet50_time_spec`, its weights
+    from `state_dict_2d` (e.g. `resnet.read_resnet50`, whose fc rows set the class count) inflated
+    by `mode` ("mean" or "center"), or random with `num_classes` classes when None."""
+    if state_dict_2d is not None:
+        fc = state_dict_2d.get("fc.weight")
+        if fc is None or fc.ndim != 2:
+            raise WeightsError("the 2D state dict has no `fc.weight` (not an ImageNet-layout ResNet-50)")
+        num_classes = fc.shape[0]
+    model3d = inflate(ResNet50(num_classes=num_classes), resnet50_time_spec, mode=mode)
+    if state_dict_2d is not None:
+        model3d.load_state_dict(inflate_state_dict(state_dict_2d, model3d, mode=mode), strict=True)
+    return model3d
