@@ -90,7 +90,7 @@ class ExtractConfig:
     batch_size: int = 8  # clips per predictor call, across videos
     format: str = "hdf5"
     feature_dtype: str = "float32"
-    labels: str | None = None  # file of class names, one per line (with predictor.logits)
+    class_names: str | None = None  # file of class names, one per line (with predictor.logits)
     keep_shards: bool = False
     retry_failed: bool = False
     address: str | None = None
@@ -114,13 +114,26 @@ class ExtractConfig:
             raise ConfigError(f"--format must be one of {', '.join(features.FORMATS)}, got {self.format!r}")
         if self.feature_dtype not in features.FEATURE_DTYPES:
             raise ConfigError(f"--feature-dtype must be one of {', '.join(features.FEATURE_DTYPES)}, got {self.feature_dtype!r}")
-        if self.labels is not None and not self.predictor.logits:
-            raise ConfigError("--labels needs --logits (class names are for the stored class scores)")
+        if self.class_names is not None and not self.predictor.logits:
+            raise ConfigError("--class-names needs --logits (class names are for the stored class scores)")
         if tuple(self.predictor.streams) != tuple(self.streams):
             raise ConfigError(f"predictor streams {self.predictor.streams} differ from the job's {self.streams}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class RenamedOption(argparse.Action):
+    """An option that now has another name: using it is a usage error (exit 2) naming the new one,
+    so an old command line fails loudly instead of meaning something else."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        parser.error(f"{option_string} is now {self.new} (train and evaluate's --labels is labels.csv)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,7 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=features.FORMATS, default="hdf5", help="hdf5 (default) or npy (video_features style)")
     p.add_argument("--feature-dtype", choices=features.FEATURE_DTYPES, default="float32", help="stored feature dtype")
     p.add_argument("--logits", action="store_true", help="also store per-clip class scores (logits)")
-    p.add_argument("--labels", default=None, help="class names, one per line (e.g. label_map.txt); logs each video's top-5")
+    p.add_argument("--class-names", default=None, help="class names, one per line (e.g. label_map.txt); logs each video's top-5")
+    p.add_argument("--labels", action=RenamedOption, new="--class-names")
     p.add_argument("--shard-size", default="256M", help="size of the intermediate shards (default 256M)")
     p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are decoded in segments of this length by different workers")
     p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
@@ -170,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(
         out=str(Path(args.out).resolve()), streams=streams, clip_len=args.clip_len,
         stride=args.stride if args.stride is not None else args.clip_len, crop=args.crop, crop_size=args.crop_size,
-        batch_size=args.batch_size, format=args.format, feature_dtype=args.feature_dtype, labels=args.labels,
+        batch_size=args.batch_size, format=args.format, feature_dtype=args.feature_dtype, class_names=args.class_names,
         keep_shards=args.keep_shards, retry_failed=args.retry_failed, address=args.address,
         decode=decode, shards=shards, flow=flow, predictor=predictor,
     )  # fmt: skip
@@ -195,15 +209,15 @@ def quovadis_version() -> str:
         return "unknown"
 
 
-def read_labels(path: str) -> list[str]:
+def read_class_names(path: str) -> list[str]:
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except OSError as e:
-        raise ConfigError(f"cannot read --labels {path}: {e.strerror or e}") from e
+        raise ConfigError(f"cannot read --class-names {path}: {e.strerror or e}") from e
     while names and not names[-1]:
         names.pop()
     if not names:
-        raise ConfigError(f"--labels {path} has no class names")
+        raise ConfigError(f"--class-names {path} has no class names")
     return names
 
 
@@ -216,7 +230,7 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     out = Path(cfg.out)
     weights = {s: resolve_weights(s, getattr(cfg.predictor, f"weights_{s}")) for s in cfg.streams}
     pcfg = dataclasses.replace(cfg.predictor, **{f"weights_{s}": str(p) for s, p in weights.items()})
-    labels = read_labels(cfg.labels) if cfg.labels else None
+    labels = read_class_names(cfg.class_names) if cfg.class_names else None
     report = JobReport("extract", config=cfg.to_dict())
     with out_dir_lock(out):
         sha256 = {s: sha256_of(p) for s, p in weights.items()}

@@ -74,7 +74,7 @@ def rgb_run(ray_session, tmp_path_factory):
     out = tmp / "out"
     args = ["extract", *videos, *bad, "--out", str(out), "--streams", "rgb", "--stride", "20", *SMALL,
             "--weights-rgb", _weights("rgb"), "--weights-flow", str(tmp / "no_flow_weights.pt"), "--keep-shards",
-            "--logits", "--labels", str(shared_path("i3d", "label_map.txt")), "--shard-size", "1K"]  # fmt: skip
+            "--logits", "--class-names", str(shared_path("i3d", "label_map.txt")), "--shard-size", "1K"]  # fmt: skip
     records, logger = _Records(), logging.getLogger("quovadis.jobs.extract")
     level = logger.level
     logger.addHandler(records)
@@ -438,8 +438,16 @@ def test_a_second_job_on_the_same_out_is_refused(tmp_path, caplog):
     assert not (tmp_path / "out" / "index.jsonl").exists()
 
 
+def test_labels_is_class_names_on_extract(tmp_path, capsys):
+    """extract's file of class names is --class-names (train/evaluate's --labels is labels.csv);
+    the old --labels is a usage error that names the new option."""
+    with pytest.raises(SystemExit) as e:
+        main(["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"), "--logits", "--labels", "names.txt"])
+    assert e.value.code == 2 and "--class-names" in capsys.readouterr().err
+
+
 def test_usage_errors_exit_2(tmp_path):
-    for bad in (["--labels", "x.txt"], ["--streams", "rgb,depth"], ["--clip-len", "0"], ["--crop", "random"]):
+    for bad in (["--class-names", "x.txt"], ["--streams", "rgb,depth"], ["--clip-len", "0"], ["--crop", "random"]):
         with pytest.raises(SystemExit) as e:
             main(["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"), *bad])
         assert e.value.code == 2
