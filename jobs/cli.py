@@ -20,7 +20,7 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
 COMMANDS: dict[str, str] = {
     "preprocess": "decode videos to 25 fps and write sharded HDF5 clips (rgb, flow)",
     "extract": "per-clip two-stream I3D features of videos (or preprocess shards) into HDF5 or npy",
-    "inflate": "inflate 2D GoogLeNet-BN weights (torchvision layout) into I3D weights (pytorch-i3d layout)",
+    "inflate": "inflate 2D GoogLeNet-BN (or --net resnet50) weights, torchvision layout, into I3D (or I3D-ResNet-50) weights",
     "train": "fine-tune one I3D stream (rgb or flow) on labelled videos with Ray Train",
     "evaluate": "top-1/top-5 of trained rgb and flow checkpoints and of their two-stream fusion",
     "bench": "benchmarks behind BENCHMARKS.md (decode, shards, flow, i3d, ...)",

@@ -3,6 +3,10 @@ torchvision's googlenet-1378be20.pth) inflated into an I3D state dict in the pyt
 
 The output loads like the released weights: `models.weights.load_i3d("rgb", "i3d_rgb.pt")` (its
 class count, 1000 for ImageNet, is read from the file), then `replace_logits(k)` to fine-tune.
+
+`--net resnet50`: an ImageNet ResNet-50 (torchvision layout, `models.resnet`) inflated into an
+I3D-ResNet-50 state dict (the same keys; `models.inflate.i3d_resnet50` builds and loads it).
+`--inflate-init` is another name for `--mode`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 from quovadis.jobs.report import JobReport
 from quovadis.models.googlenet import read_googlenet
-from quovadis.models.inflate import INFLATE_MODES, i3d_from_googlenet
+from quovadis.models.inflate import INFLATE_MODES, i3d_from_googlenet, i3d_resnet50
+from quovadis.models.resnet import read_resnet50
 from quovadis.models.weights import save_atomic, sha256_of
 from quovadis.pipeline.errors import ConfigError
 
@@ -21,12 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", type=Path, help="2D GoogLeNet-BN state dict (torchvision layout, .pt/.pth)")
+    p.add_argument("source", type=Path, help="2D GoogLeNet-BN or ResNet-50 state dict (torchvision layout, .pt/.pth)")
+    p.add_argument("--net", choices=("googlenet", "resnet50"), default="googlenet",
+                   help="googlenet -> I3D (pytorch-i3d layout); resnet50 -> I3D-ResNet-50")
     p.add_argument("--out", type=Path, required=True, help="where to write the I3D state dict")
-    p.add_argument("--mode", choices=INFLATE_MODES, default="mean",
+    p.add_argument("--mode", "--inflate-init", dest="mode", choices=INFLATE_MODES, default="mean",
                    help="mean: filter repeated over time and divided by t (the paper); center: all in the middle slice")
     p.add_argument("--in-channels", type=int, default=3,
-                   help="3 for RGB; 2 for flow (first layer averaged over RGB, TSN-style)")
+                   help="3 for RGB; 2 for flow (first layer averaged over RGB, TSN-style); googlenet only")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
@@ -34,18 +41,24 @@ def run(args: argparse.Namespace) -> JobReport:
     out: Path = args.out
     if args.in_channels < 1:
         raise ConfigError(f"--in-channels must be >= 1, got {args.in_channels}")
+    if args.net == "resnet50" and args.in_channels != 3:
+        raise ConfigError(f"--in-channels {args.in_channels}: only GoogLeNet inflation adapts the input channels")
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise ConfigError(f"the directory of --out, {out.parent}, does not exist")
     report = JobReport(job="inflate", config={
-        "source": str(args.source), "out": str(out), "mode": args.mode, "in_channels": args.in_channels,
+        "source": str(args.source), "out": str(out), "net": args.net, "mode": args.mode,
+        "in_channels": args.in_channels,
     })
-    state_dict = i3d_from_googlenet(read_googlenet(args.source), mode=args.mode, in_channels=args.in_channels)
+    if args.net == "resnet50":
+        state_dict = i3d_resnet50(read_resnet50(args.source), mode=args.mode).state_dict()
+    else:
+        state_dict = i3d_from_googlenet(read_googlenet(args.source), mode=args.mode, in_channels=args.in_channels)
     save_atomic(state_dict, out)
     report.ok.append(str(args.source))
     report.extra = {
-        "num_classes": int(state_dict["logits.conv3d.weight"].shape[0]),
+        "num_classes": int(state_dict["fc.weight" if args.net == "resnet50" else "logits.conv3d.weight"].shape[0]),
         "source_sha256": sha256_of(args.source),
         "out_sha256": sha256_of(out),
     }

@@ -7,8 +7,9 @@ import torch
 
 from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, main
 from quovadis.models.googlenet import GoogLeNetBN
-from quovadis.models.inflate import i3d_from_googlenet
-from quovadis.models.weights import load_i3d, read_state_dict
+from quovadis.models.inflate import i3d_from_googlenet, i3d_resnet50
+from quovadis.models.resnet import ResNet50
+from quovadis.models.weights import load_i3d, load_weights, read_state_dict
 
 
 def test_inflate_command_writes_loadable_i3d_weights(tmp_path):
@@ -41,3 +42,20 @@ def test_inflate_command_writes_loadable_i3d_weights(tmp_path):
     flow_out = tmp_path / "i3d_flow.pt"
     assert main(["inflate", str(source), "--out", str(flow_out), "--in-channels", "2"]) == EXIT_OK
     assert load_i3d("flow", flow_out).in_channels == 2
+
+
+def test_inflate_command_resnet50_with_inflate_init(tmp_path):
+    torch.manual_seed(0)
+    resnet = ResNet50(num_classes=10)
+    source = tmp_path / "resnet50.pth"
+    torch.save(resnet.state_dict(), source)
+    out = tmp_path / "i3d_r50.pt"
+    assert main(["inflate", str(source), "--net", "resnet50", "--inflate-init", "center", "--out", str(out)]) == EXIT_OK
+    written = read_state_dict(out)
+    model = i3d_resnet50(num_classes=10)
+    load_weights(model, written)  # strict: the I3D-ResNet-50 keys and shapes
+    w = written["conv1.weight"]
+    assert w.shape == (64, 3, 5, 7, 7) and torch.equal(w[:, :, 2], resnet.conv1.weight) and not w[:, :, [0, 1, 3, 4]].any()
+    with pytest.raises(SystemExit) as usage:  # only GoogLeNet inflation adapts the input channels
+        main(["inflate", str(source), "--net", "resnet50", "--in-channels", "2", "--out", str(tmp_path / "f.pt")])
+    assert usage.value.code == 2
