@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; a re-run resumes where this one stopped")
         return EXIT_CANNOT_RUN
+    except Exception as e:  # a bug or an environment we did not foresee: one line, not a traceback
+        log.error("unexpected error: %s: %s (run with --verbose for the traceback)", type(e).__name__, e)
+        log.debug("traceback of the unexpected error", exc_info=True)
+        return EXIT_CANNOT_RUN
     if isinstance(outcome, int):
         return outcome
     if outcome is not None and outcome.failed:
