@@ -6,7 +6,9 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +34,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         _check_reachable(address)
         try:
-            ray.init(address=address, **kwargs)
+            with tempfile.TemporaryDirectory(prefix="quovadis-code-") as tmp:  # uploaded by ray.init
+                ray.init(address=address, runtime_env=code_runtime_env(Path(tmp)), **kwargs)
         except (ConnectionError, RuntimeError) as e:
             cause = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Ray's token-authentication hint
             raise QuovadisError(f"cannot join the Ray cluster at {address}: {cause}") from e
@@ -41,6 +44,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def code_runtime_env(tmp: Path) -> dict:
+    """A Ray runtime_env that ships this quovadis code to every worker of a cluster, so nodes where
+    it is not installed can run our tasks (and nodes where it is run this very version).
+
+    Ray's `py_modules` uploads directories and imports each under its own name, but the source
+    folders are named `pipeline/`, `models/`, `jobs/` (pyproject package-dir), so a real
+    `quovadis/` tree is assembled in `tmp` from the imported packages first.
+    """
+    import quovadis
+    import quovadis.jobs
+    import quovadis.models
+    import quovadis.pipeline
+
+    tree = tmp / "quovadis"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(quovadis.__file__).parent, tree, ignore=skip)
+    for package in (quovadis.pipeline, quovadis.models, quovadis.jobs):
+        shutil.copytree(Path(package.__file__).parent, tree / package.__name__.split(".")[-1], ignore=skip, dirs_exist_ok=True)
+    return {"py_modules": [str(tree)]}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -1,11 +1,15 @@
 """Joining a Ray cluster fails fast and clearly when nothing listens at the address."""
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from quovadis.jobs.runtime import _check_reachable
+from quovadis.jobs.runtime import _check_reachable, code_runtime_env
 from quovadis.pipeline.errors import QuovadisError
+from tests.conftest import REPO
 
 
 def test_unreachable_cluster_address_is_a_clear_error():
@@ -22,3 +26,46 @@ def test_listening_address_passes_and_other_forms_are_left_to_ray():
         s.listen()
         _check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
     _check_reachable("auto")
+
+
+# A driver that joins a fresh one-node cluster through init_ray(address) and asks a task where the
+# quovadis it imports lives.
+_CLUSTER_DRIVER = """
+import ray
+from ray.cluster_utils import Cluster
+from quovadis.jobs.runtime import init_ray
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+try:
+    init_ray(cluster.address)
+
+    @ray.remote
+    def where() -> str:
+        import quovadis.pipeline.conventions
+        return quovadis.pipeline.conventions.__file__
+
+    print(ray.get(where.remote()))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_cluster_workers_import_the_shipped_code_not_the_install(tmp_path):
+    """With an address, init_ray ships quovadis as a py_modules runtime_env, so a worker on a node
+    without it imports the uploaded copy (in Ray's runtime_resources), here even beside the install.
+    The driver runs outside the repo: Ray puts the driver's directory on the workers' sys.path."""
+    result = subprocess.run([sys.executable, "-c", _CLUSTER_DRIVER], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert "runtime_resources" in path.parts and path.parts[-3:] == ("quovadis", "pipeline", "conventions.py")
+    assert REPO not in path.parents
+
+
+def test_code_runtime_env_is_a_quovadis_tree(tmp_path):
+    """py_modules imports a directory under its own name: the tree is `quovadis/` with its subpackages."""
+    env = code_runtime_env(tmp_path)
+    (tree,) = map(Path, env["py_modules"])
+    assert tree.name == "quovadis"
+    for module in ("__init__.py", "pipeline/conventions.py", "models/i3d.py", "jobs/cli.py"):
+        assert (tree / module).is_file(), module
