@@ -16,7 +16,8 @@ RUN_DIR after each epoch (written by rank 0, each file atomically)::
                                history (the last --keep-checkpoints are kept)
     model.pt                   the latest model + training config (models.weights.save_checkpoint):
                                what `quovadis evaluate --rgb/--flow` takes
-    metrics.jsonl              one line per epoch (train loss/accuracy, val loss/top-1/top-5, lr, s)
+    metrics.jsonl              one line per epoch (train loss/accuracy, whether precise BN ran, val
+                               loss/top-1/top-5 and val_at_chance, lr, s)
     curves.png                 loss and accuracy curves
     config.json, report.json   the run's config; the final summary
 
@@ -50,7 +51,7 @@ from quovadis.jobs.labels import LabelledVideo, load_labels
 from quovadis.jobs.report import JobReport
 from quovadis.jobs.runtime import init_ray, out_dir_lock
 from quovadis.models.fast import PRECISIONS, autocast
-from quovadis.models.i3d import InceptionI3d
+from quovadis.models.i3d import BN_MOMENTUM, InceptionI3d
 from quovadis.models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
 from quovadis.pipeline import conventions
 from quovadis.pipeline.dataset import ShardDataset
@@ -60,6 +61,10 @@ from quovadis.pipeline.manifest import load as manifest_load
 log = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
+PRECISE_BN = ("auto", "on", "off")
+# auto: precise BN while the running statistics still hold more than this share of what they held
+# before training, (1 - BN_MOMENTUM) ** steps; at momentum 0.01 that is the first 298 steps.
+STALE_BN_SHARE = 0.05
 OPTIMIZERS = ("sgd", "adam")
 CHECKPOINT_DIR = "checkpoints"
 MODEL_NAME = "model.pt"
@@ -95,7 +100,7 @@ class TrainConfig:
     val_split: str = "val"
     seed: int = 0
     deterministic: bool = False
-    precise_bn: bool = False  # recompute BN statistics on the epoch's clips before validating/saving
+    precise_bn: str = "auto"  # auto | on | off: recompute BN statistics before validating/saving (precise_bn_due)
     num_workers: int | None = None  # Ray Train workers; None: one per GPU of the cluster, 1 without
     cpus_per_worker: int | None = None  # None: all free CPUs on a CPU-only cluster, loader_workers + 1 with GPUs
     loader_workers: int = 2  # DataLoader processes per training worker
@@ -107,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"--stream must be rgb or flow, got {self.stream!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precise_bn not in PRECISE_BN:
+            raise ConfigError(f"--precise-bn must be one of {', '.join(PRECISE_BN)}, got {self.precise_bn!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("epochs", "batch_size", "clip_len", "crop_size", "keep_checkpoints"):
@@ -325,6 +332,27 @@ def recalibrate_bn(model: torch.nn.Module, loader, *, stream: str, device: torch
                 buf /= world
 
 
+def precise_bn_due(mode: str, steps: int, momentum: float = BN_MOMENTUM) -> bool:
+    """Whether to recalibrate BN after `steps` optimizer steps. `auto`: while the running
+    statistics still weigh what they held before training by more than STALE_BN_SHARE.
+
+    Issue 13: from scratch, 16 steps at momentum 0.01 (0.99 ** 16 = 0.85 of the reset mean 0 and
+    variance 1) fit the training clips, yet eval-mode validation sat at chance (val loss ln 2).
+    """
+    if mode != "auto":
+        return mode == "on"
+    return (1 - momentum) ** steps > STALE_BN_SHARE
+
+
+def at_chance(train_acc: float, val_top1: float, val_loss: float, num_classes: int) -> bool:
+    """Training fits (accuracy >= 0.9) while validation is no better than guessing: top-1 within
+    min(0.1, 0.5/K) of 1/K, or the loss within 2% of ln K (uniform logits) - typically eval-mode
+    BatchNorm statistics that do not match the data."""
+    chance = 1 / num_classes
+    near = abs(val_top1 - chance) <= min(0.1, 0.5 * chance) or math.isclose(val_loss, math.log(num_classes), rel_tol=0.02)
+    return train_acc >= 0.9 and near
+
+
 # -- the per-worker loop ------------------------------------------------------------------------
 
 
@@ -413,7 +441,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(y)
         scheduler.step()
-        if cfg.precise_bn:
+        recalibrated = precise_bn_due(cfg.precise_bn, epoch * len(loader))  # every epoch takes len(loader) steps
+        if recalibrated:
             recalibrate_bn(model, loader, stream=cfg.stream, device=device, precision=cfg.precision, world=world)
         totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64)
         if world > 1:
@@ -426,6 +455,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
             "train_clips": int(totals[2]),
+            "precise_bn": recalibrated,
         }
         if rank == 0:
             if val_ds is not None:
@@ -438,6 +468,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics["val_top1"] = topk_accuracy(vl.numpy(), vy.numpy(), 1)
                 metrics["val_top5"] = topk_accuracy(vl.numpy(), vy.numpy(), 5)
                 metrics["val_videos"] = len(names)
+                metrics["val_at_chance"] = at_chance(metrics["train_acc"], metrics["val_top1"], metrics["val_loss"], len(classes))
+                if metrics["val_at_chance"]:
+                    log.warning("epoch %d: validation at chance (top-1 %.3f, loss %.3f) while train accuracy is %.3f",
+                                epoch, metrics["val_top1"], metrics["val_loss"], metrics["train_acc"])  # fmt: skip
             metrics["seconds"] = time.monotonic() - started
             history.append(metrics)
             _save_epoch(run_dir, cfg, classes, model, optimizer, scheduler, scaler, epoch, history)
@@ -582,6 +616,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
         report.finish()
         report.write(run_dir)
     log.info("trained %d epochs; final %s", len(history), json.dumps(report.extra["final"], sort_keys=True))
+    if history and history[-1].get("val_at_chance"):
+        log.warning("validation is at chance while training accuracy is high (%s): eval-mode BatchNorm statistics "
+                    "may not match the data; try --precise-bn on", run_dir)  # fmt: skip
     return report
 
 
@@ -607,7 +644,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="val")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume, slower)")
-    p.add_argument("--precise-bn", action="store_true", help="recompute BatchNorm statistics on each epoch's clips before validation (short runs from scratch)")
+    p.add_argument("--precise-bn", nargs="?", const="on", default="auto", choices=PRECISE_BN,
+                   help="recompute BatchNorm statistics on each epoch's clips before validation: on (also bare --precise-bn), "
+                        "off, or auto (default: while the running statistics cannot have converged, the first ~300 steps)")  # fmt: skip
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, 1 on CPU)")
     p.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker (default 2)")

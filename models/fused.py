@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quovadis.models.googlenet import GoogLeNetBN
+from quovadis.models.googlenet import GoogLeNetBN, imagenet_trunk
 from quovadis.models.i3d import FEATURE_DIM
 from quovadis.models.padding import MaxPoolSame
 from quovadis.models.two_stream import FLOW_FIELDS
+from quovadis.models.weights import load_weights
 
 FUSED_CHANNELS = 512
 INIT_STD = 0.01  # Gaussian init of the new layers
@@ -45,6 +46,12 @@ class Fused3D(nn.Module):
         for layer in (self.fuse, self.fc):
             nn.init.normal_(layer.weight, std=INIT_STD)
             nn.init.zeros_(layer.bias)
+
+    def load_imagenet(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Both trunks from an ImageNet GoogLeNet state dict (`read_googlenet`), strictly, the flow
+        trunk's conv1 by the cross-modality rule; the new layers keep their Gaussian init."""
+        load_weights(self.rgb, imagenet_trunk(state_dict))
+        load_weights(self.flow, imagenet_trunk(state_dict, 2 * FLOW_FIELDS))
 
     @staticmethod
     def _grids(trunk: GoogLeNetBN, x: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,10 @@ def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int) 
     TSN, ECCV 2016), e.g. 20 for a stack of 10 flow fields (x, y interleaved)."""
     w = state_dict["conv1.conv.weight"]  # (64, 3, 7, 7)
     return {**state_dict, "conv1.conv.weight": w.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)}
+
+
+def imagenet_trunk(state_dict: dict[str, torch.Tensor], in_channels: int = 3) -> dict[str, torch.Tensor]:
+    """An ImageNet GoogLeNet state dict (`read_googlenet`) without its classifier (`fc.*`), conv1
+    adapted to `in_channels` when it is not 3: the weights of a trunk whose `fc` was removed."""
+    trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    return trunk if in_channels == 3 else adapt_input_channels(trunk, in_channels)

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quovadis.models.googlenet import GoogLeNetBN
+from quovadis.models.googlenet import GoogLeNetBN, imagenet_trunk
 from quovadis.models.i3d import BN_EPS, FEATURE_DIM
+from quovadis.models.weights import load_weights
 
 HIDDEN = 512
 
@@ -30,6 +31,11 @@ class ConvNetLSTM(nn.Module):
         self.bn = nn.BatchNorm1d(FEATURE_DIM, eps=BN_EPS)
         self.lstm = nn.LSTM(FEATURE_DIM, HIDDEN, batch_first=True)
         self.fc = nn.Linear(HIDDEN, num_classes)
+
+    def load_imagenet(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """The Inception-v1 from an ImageNet GoogLeNet state dict (`read_googlenet`), strictly;
+        BN, LSTM and classifier keep their fresh initialisation."""
+        load_weights(self.cnn, imagenet_trunk(state_dict))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, T, H, W) -> LSTM outputs (N, T, 512)."""

@@ -3,7 +3,7 @@ Inception-v1 (BN) networks, one on a single RGB frame, one on a stack of 10 opti
 their predictions averaged.
 
 The flow network's first convolution takes 20 channels (x, y of each field, field-major); from an
-ImageNet checkpoint it is initialised by the cross-modality rule (`googlenet.adapt_input_channels`).
+ImageNet checkpoint it is initialised by the cross-modality rule (`googlenet.imagenet_trunk`).
 At test the paper averages 25 snapshots per video; that is the caller's loop. 400 classes give
 12.07M parameters (Table 1: 12M). Inputs float32 in [-1, 1]: rgb (N, 3, H, W), flow
 (N, 2, 10, H, W) in the project's flow layout.
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from quovadis.models.googlenet import GoogLeNetBN, adapt_input_channels
+from quovadis.models.googlenet import GoogLeNetBN, imagenet_trunk
 from quovadis.models.weights import load_weights
 
 FLOW_FIELDS = 10
@@ -40,12 +40,9 @@ class TwoStream2D(nn.Module):
     def load_imagenet(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Both streams from one ImageNet GoogLeNet state dict (`read_googlenet`) except the
         classifiers, which stay freshly initialised (`num_classes` rows)."""
-        body = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
         for stream in (self.rgb, self.flow):
             fc = {f"fc.{k}": v for k, v in stream.fc.state_dict().items()}
-            in_channels = stream.conv1.conv.in_channels
-            adapted = body if in_channels == 3 else adapt_input_channels(body, in_channels)
-            load_weights(stream, {**adapted, **fc})
+            load_weights(stream, {**imagenet_trunk(state_dict, stream.conv1.conv.in_channels), **fc})
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """rgb (N, 3, H, W), flow (N, 2, 10, H, W) -> the two streams' logits averaged (N, classes)."""

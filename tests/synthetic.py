@@ -57,7 +57,7 @@ def encode(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
 
 
 def make_motion_dataset(root: Path, *, train_per_class: int = 8, val_per_class: int = 6, seed: int = 0,
-                        size: int = 64, frames: int = 20) -> Path:  # fmt: skip
+                        size: int = 64, frames: int = 20, classes: tuple[str, ...] = CLASSES) -> Path:  # fmt: skip
     """Videos under root/videos and root/labels.csv (`video,label,split`, paths relative to root).
 
     Returns the labels.csv path.
@@ -67,7 +67,7 @@ def make_motion_dataset(root: Path, *, train_per_class: int = 8, val_per_class: 
     rows = []
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for i in range(count):
-            for label in CLASSES:
+            for label in classes:
                 name = f"videos/{split}_{label}_{i:02d}.mp4"
                 speed = rng.uniform(1.5, 2.5)
                 encode(root / name, motion_frames(label, rng, size=size, frames=frames, speed=speed))
@@ -89,7 +89,7 @@ CLIP_LEN, CROP_SIZE = 16, 48
 FAST_FLOW = dict(nscales=3, warps=1, inner_iterations=10, outer_iterations=2)  # flow quality is not under test here
 TRAIN_SETTINGS = dict(
     stream="flow", epochs=8, batch_size=8, lr=1e-3, optimizer="adam", weight_decay=0.0, clip_len=CLIP_LEN,
-    crop_size=CROP_SIZE, flip=False, precise_bn=True, loader_workers=0, deterministic=True, seed=0,
+    crop_size=CROP_SIZE, flip=False, precise_bn="on", loader_workers=0, deterministic=True, seed=0,
 )
 _MEMO: dict[str, object] = {}
 
@@ -111,6 +111,26 @@ def motion_shards(root: Path) -> tuple[Path, Path]:
         assert not report.failed and len(report.ok) == len(videos), report.summary()
         _MEMO["shards"] = (labels, shards)
     return _MEMO["shards"]  # type: ignore[return-value]
+
+
+def left_right_shards(root: Path) -> tuple[Path, Path]:
+    """(labels.csv, shard dir) of a tiny two-class task (left vs right, 6 train and 4 val videos per
+    class), made once per test session under `root`."""
+    if "left_right" not in _MEMO:
+        from quovadis.jobs.preprocess import PreprocessConfig, preprocess
+        from quovadis.pipeline.decode import DecodeConfig
+        from quovadis.pipeline.flow import FlowConfig
+
+        labels = make_motion_dataset(root / "left_right", train_per_class=6, val_per_class=4, seed=1,
+                                     classes=("left", "right"))  # fmt: skip
+        videos = sorted(str(p) for p in (root / "left_right" / "videos").glob("*.mp4"))
+        shards = root / "left_right_shards"
+        report = preprocess(videos, PreprocessConfig(
+            out=str(shards), streams=("rgb", "flow"), decode=DecodeConfig(short_side=0), flow=FlowConfig(**FAST_FLOW),
+        ))  # fmt: skip
+        assert not report.failed and len(report.ok) == len(videos), report.summary()
+        _MEMO["left_right"] = (labels, shards)
+    return _MEMO["left_right"]  # type: ignore[return-value]
 
 
 def trained_run(root: Path, name: str, **overrides) -> Path:

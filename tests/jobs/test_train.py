@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,11 +17,13 @@ import torch
 
 from quovadis.jobs.train import (
     TrainConfig,
+    at_chance,
     build_model,
     epoch_order,
     latest_checkpoint,
     load_state,
     plot_curves,
+    precise_bn_due,
     train,
     train_dataset,
 )
@@ -30,7 +33,7 @@ from quovadis.models.inflate import i3d_from_googlenet
 from quovadis.models.weights import load_checkpoint, load_i3d, save_checkpoint
 from quovadis.pipeline.errors import ConfigError, WeightsError
 from tests.conftest import shared_path
-from tests.synthetic import TRAIN_SETTINGS, motion_shards, trained_run
+from tests.synthetic import TRAIN_SETTINGS, left_right_shards, motion_shards, trained_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +56,14 @@ def test_epoch_order_covers_every_clip_once_per_epoch():
         assert set().union(*parts) == set(range(10)) and sum(map(len, parts)) == 10 + (-10) % world
     assert epoch_order(10, seed=1, epoch=2, rank=0, world=1) == epoch_order(10, seed=1, epoch=2, rank=0, world=1)
     assert epoch_order(10, seed=1, epoch=2, rank=0, world=1) != epoch_order(10, seed=1, epoch=3, rank=0, world=1)
+
+
+def test_precise_bn_auto_runs_while_running_statistics_are_stale():
+    assert precise_bn_due("auto", 16) and precise_bn_due("auto", 298)  # 0.99 ** 298 = 0.0500 of the reset stats
+    assert not precise_bn_due("auto", 299) and not precise_bn_due("off", 1) and precise_bn_due("on", 10_000)
+    assert at_chance(1.0, 0.5, 0.69, 2) and at_chance(0.95, 0.7, math.log(2), 2)  # uniform logits
+    assert not at_chance(0.8, 0.5, 0.69, 2) and not at_chance(1.0, 0.75, 0.4, 2)
+    assert at_chance(1.0, 0.003, 7.0, 400) and not at_chance(1.0, 0.1, 4.0, 400)  # 1/400 = 0.0025
 
 
 def test_plot_curves_draws_both_panels(tmp_path):
@@ -124,6 +135,26 @@ def test_two_ddp_workers_on_the_cpu_share_each_epoch(work):
     assert report["extra"]["workers"] == 2 and report["extra"]["final"] == history[-1]
     model, config = load_checkpoint(run_dir / "model.pt")
     assert config["epoch"] == 2 and model.num_classes == 4
+
+
+def test_scratch_run_works_in_eval_mode_with_the_defaults(work, caplog):
+    """Issue 13: from scratch, with BN momentum 0.01 and no precise BN, a short run fits the
+    training clips (train mode) while eval-mode validation sits at chance; the default (auto)
+    recomputes the BN statistics, and a run at chance is flagged."""
+    labels_csv, shards = left_right_shards(work)
+    settings = {k: v for k, v in TRAIN_SETTINGS.items() if k != "precise_bn"}  # the default
+    default = train(TrainConfig(data=str(shards), labels=str(labels_csv), out=str(work / "lr_default"), **settings))
+    final = default.extra["final"]
+    assert final["val_top1"] >= 0.8 and not final["val_at_chance"], final
+    assert final["precise_bn"] is True and final["val_videos"] == 8
+
+    caplog.clear()
+    old = train(TrainConfig(data=str(shards), labels=str(labels_csv), out=str(work / "lr_off"),
+                            **settings, precise_bn="off"))  # fmt: skip
+    final = old.extra["final"]
+    assert final["precise_bn"] is False and final["train_acc"] >= 0.9
+    assert final["val_top1"] <= 0.6 and final["val_at_chance"], final
+    assert "at chance" in caplog.text
 
 
 def cli_train(shards: Path, labels_csv: Path, out: Path, *extra: str) -> list[str]:

@@ -108,3 +108,17 @@ def test_fused_3d_shapes_snippets_gradients():
         assert torch.equal(snippets[:, :, t], stack_flow(flow[:, :, 10 * t : 10 * t + 10]))
     with pytest.raises(ValueError, match="10 flow fields per RGB frame"):
         model(rgb, flow[:, :, :40])
+
+
+def test_lstm_and_fused_load_imagenet_trunks():
+    torch.manual_seed(0)
+    imagenet = GoogLeNetBN(num_classes=10).state_dict()
+    lstm = ConvNetLSTM(num_classes=3)
+    lstm.load_imagenet(imagenet)
+    torch.testing.assert_close(lstm.cnn.inception4c.branch3[1].conv.weight, imagenet["inception4c.branch3.1.conv.weight"])
+    fused = Fused3D(num_classes=3)
+    fused.load_imagenet(imagenet)
+    torch.testing.assert_close(fused.rgb.conv1.conv.weight, imagenet["conv1.conv.weight"])
+    assert fused.flow.conv1.conv.weight.shape == (64, 20, 7, 7)
+    torch.testing.assert_close(fused.flow.conv1.conv.weight[:, 7], imagenet["conv1.conv.weight"].mean(1))
+    torch.testing.assert_close(fused.flow.inception5b.branch4[1].bn.running_var, imagenet["inception5b.branch4.1.bn.running_var"])
