@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from quovadis import __version__
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
@@ -28,14 +29,24 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed but only `command`'s options added, so that only
+    its job module is imported (the CLI starts without the others' torch, Ray, cv2, h5py)."""
     parser = argparse.ArgumentParser(prog="quovadis", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"quovadis {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _module(name).add_arguments(p)
+        if name == command:
+            _module(name).add_arguments(p)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: the first word that is not an option (the
+    top-level options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _module(name: str):
@@ -43,7 +54,8 @@ def _module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
