@@ -159,6 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", action=RenamedOption, new="--class-names")
     p.add_argument("--shard-size", default="256M", help="size of the intermediate shards (default 256M)")
     p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are decoded in segments of this length by different workers")
+    p.add_argument("--decode-timeout", type=float, default=DecodeConfig().timeout_s, metavar="SECONDS",
+                   help="kill a decode whose ffmpeg writes nothing for this many seconds and fail its video; 0 = never (default 300)")
     p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
     p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0")
     p.add_argument("--keep-shards", action="store_true", help="keep the intermediate shards in OUT/shards")
@@ -170,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
     if args.segment_seconds <= 0:
         raise ConfigError(f"--segment-seconds must be > 0, got {args.segment_seconds}")
-    decode = DecodeConfig(fps=args.fps, short_side=args.short_side,
+    decode = DecodeConfig(fps=args.fps, short_side=args.short_side, timeout_s=args.decode_timeout,
                           segment_frames=max(1, round(args.segment_seconds * args.fps)))  # fmt: skip
     shards = ShardConfig(shard_size_bytes=parse_size(args.shard_size))
     flow = dataclasses.replace(FlowConfig(), backend=args.flow_backend, device=args.flow_device)

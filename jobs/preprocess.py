@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", choices=COMPRESSIONS, default=ShardConfig().compression,
                    help="shard compression (default none: fastest to write and read; lzf saves ~1/3 of the disk)")
     p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are split into segments of this length, decoded by different workers")
+    p.add_argument("--decode-timeout", type=float, default=DecodeConfig().timeout_s, metavar="SECONDS",
+                   help="kill a decode whose ffmpeg writes nothing for this many seconds and fail its video; 0 = never (default 300)")
     p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
     p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0 (default: a GPU when present)")
     p.add_argument("--flow-dtype", choices=("uint8", "float16"), default="uint8", help="store flow quantised (default) or as float16 pixels")
@@ -95,7 +97,8 @@ def parse_size(text: str) -> int:
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
     decode = DecodeConfig(
-        fps=args.fps, short_side=args.short_side, segment_frames=max(1, round(args.segment_seconds * args.fps))
+        fps=args.fps, short_side=args.short_side, segment_frames=max(1, round(args.segment_seconds * args.fps)),
+        timeout_s=args.decode_timeout,
     )
     shards = ShardConfig(shard_size_bytes=parse_size(args.shard_size), compression=args.compression, flow_dtype=args.flow_dtype)
     flow = dataclasses.replace(FlowConfig(), backend=args.flow_backend, device=args.flow_device)

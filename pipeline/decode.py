@@ -22,6 +22,8 @@ keyframe before) a margin ahead of a, `fps` resamples on that absolute clock and
 ticks a..b-1. Flow callers ask for [a, b+1) to overlap segments by one frame. A range past the end
 of the video yields nothing (like slicing); a decode from frame 0 that yields nothing is an error.
 Memory: stdout is read chunk_frames frames at a time, never the whole video.
+Hangs: ffmpeg that writes nothing for cfg.timeout_s seconds (a stalled disk or network mount, a
+decoder stuck in a loop) is killed with its process group and the decode raises DecodeError.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -63,6 +67,7 @@ class DecodeConfig:
     short_side: int = conventions.SHORT_SIDE  # shorter output side in px; 0 keeps the (square-pixel, rotated) size
     chunk_frames: int = 32  # frames per yielded chunk: bounds memory
     segment_frames: int = 1500  # output frames per segment of a long video (60 s at 25 fps)
+    timeout_s: float = 300.0  # kill a decode whose ffmpeg writes nothing for this long; 0 = never
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.fps) and self.fps > 0):
@@ -73,6 +78,8 @@ class DecodeConfig:
             raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
         if self.segment_frames < 1:
             raise ConfigError(f"segment_frames must be >= 1, got {self.segment_frames}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s >= 0):
+            raise ConfigError(f"decode timeout must be >= 0 seconds (0 = none), got {self.timeout_s}")
 
     @property
     def rate(self) -> Fraction:
@@ -199,9 +206,9 @@ def iter_frames(
     """Decode output frames [start, end) of `path` (see the module docstring for the contract).
 
     ffmpeg runs in a subprocess (argument list, no shell) so a crashing decoder cannot take the
-    worker down; it is killed when the generator is closed early. Raises DecodeError naming the
-    file: ffmpeg failing (with its last stderr line), a decode from frame 0 giving no frames, a
-    truncated file. An error can come after some chunks were yielded: callers discard partial output.
+    worker down; it is killed (with its process group) when the generator is closed early. Raises
+    DecodeError naming the file: ffmpeg failing (with its last stderr line), a decode from frame 0
+    giving no frames, a truncated file, no bytes from ffmpeg for cfg.timeout_s seconds. An error can come after some chunks were yielded: callers discard partial output.
     ffmpeg errors of a decode that still gave its frames (a damaged stream, concealed) are logged
     and appended to `warnings`: the job runs this in a worker whose log the user never sees, so it
     carries them back and records them with the video.
@@ -218,7 +225,10 @@ def iter_frames(
 
     with tempfile.TemporaryFile() as errf:  # a file, not a pipe: ffmpeg can never block on stderr
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, bufsize=0)
+            # its own session: a kill reaches any child it started, and never our process group
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf, bufsize=0, start_new_session=True
+            )
         except OSError as e:
             raise DecodeError(f"{path}: cannot run ffmpeg ({cmd[0]}): {e.strerror or e}") from e
         done = 0
@@ -226,7 +236,10 @@ def iter_frames(
             while wanted is None or done < wanted:
                 n = cfg.chunk_frames if wanted is None else min(cfg.chunk_frames, wanted - done)
                 buf = np.empty((n, height, width, 3), np.uint8)
-                k, partial = _read_frames(proc.stdout, buf, native)
+                try:
+                    k, partial = _read_frames(proc.stdout, buf, native, cfg.timeout_s or None)
+                except TimeoutError as e:
+                    raise DecodeError(f"{path}: ffmpeg made no progress for {cfg.timeout_s:g} s; killed") from e
                 if partial:
                     proc.wait()
                     raise DecodeError(f"{path}: ffmpeg output ended inside a frame ({_stderr_tail(errf)})")
@@ -249,9 +262,17 @@ def iter_frames(
             _note_errors(path, start, done, errors, warnings)
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _kill_group(proc)
             proc.stdout.close()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ffmpeg and everything in its session (start_new_session made it the group leader)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # exited in the meantime
+        pass
+    proc.wait()
 
 
 def _note_errors(path: str, start: int, done: int, errors: str, warnings: list[str] | None) -> None:
@@ -264,27 +285,30 @@ def _note_errors(path: str, start: int, done: int, errors: str, warnings: list[s
         warnings.append(message)
 
 
-def _read_frames(stream, out: np.ndarray, native: np.ndarray | None) -> tuple[int, bool]:
+def _read_frames(stream, out: np.ndarray, native: np.ndarray | None, timeout: float | None) -> tuple[int, bool]:
     """Fill `out` (t, H, W, 3) with up to t frames; returns (frames read, whether the stream ended
     inside a frame). With `native` (one decoded-size frame), frames are read into it one at a time
     and resized bilinearly (cv2 INTER_LINEAR, half-pixel centres) into `out`: memory stays one
-    decoded frame plus the chunk."""
+    decoded frame plus the chunk. TimeoutError when no byte comes for `timeout` seconds."""
     if native is None:
-        got = _read_into(stream, memoryview(out).cast("B"))
+        got = _read_into(stream, memoryview(out).cast("B"), timeout)
         return got // out[0].nbytes, got % out[0].nbytes != 0
     size = (out.shape[2], out.shape[1])  # cv2 takes (width, height)
     for i in range(len(out)):
-        got = _read_into(stream, memoryview(native).cast("B"))
+        got = _read_into(stream, memoryview(native).cast("B"), timeout)
         if got < native.nbytes:
             return i, got > 0
         out[i] = cv2.resize(native, size, interpolation=cv2.INTER_LINEAR)
     return len(out), False
 
 
-def _read_into(stream, view: memoryview) -> int:
-    """Fill `view` from an unbuffered pipe; fewer bytes only at end of stream."""
+def _read_into(stream, view: memoryview, timeout: float | None) -> int:
+    """Fill `view` from an unbuffered pipe; fewer bytes only at end of stream. TimeoutError when
+    the pipe stays silent for `timeout` seconds (None waits forever)."""
     got = 0
     while got < len(view):
+        if timeout is not None and not select.select([stream], [], [], timeout)[0]:
+            raise TimeoutError(f"no bytes for {timeout} s")
         n = stream.readinto(view[got:])
         if not n:
             break

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -123,6 +124,12 @@ def _check_readable(path: str) -> int:
         raise DecodeError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DecodeError(f"{path}: is a directory, not a video file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # e.g. a dangling symlink
+        raise DecodeError(f"{path}: cannot open for reading: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):  # opening a FIFO for reading blocks until a writer comes
+        raise DecodeError(f"{path}: not a regular file (a FIFO, socket or device); give a video file")
     try:
         with open(path, "rb") as f:
             f.read(_HEADER_BYTES)

@@ -270,3 +270,17 @@ def test_full_disk_fails_the_videos_keeps_what_was_written(ray_session, tmp_path
     stored = _read_all(out)
     assert set(stored) == {str(first), *report.ok}
     np.testing.assert_array_equal(stored[str(first)]["rgb"], before)  # nothing written is lost
+
+
+def test_fifo_input_fails_at_once_beside_a_good_video(ray_session, tmp_path, small_videos):
+    """Opening a FIFO for reading blocks until a writer comes: it must fail, not hang the job."""
+    fifo = tmp_path / "stream.mp4"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    began = time.monotonic()
+    code = main(["preprocess", str(fifo), str(small_videos[0]), "--out", str(out), "--streams", "rgb", "--short-side", "64"])
+    assert code == EXIT_SOME_FAILED
+    assert time.monotonic() - began < 60
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] == [str(small_videos[0])]
+    assert list(report["failed"]) == [str(fifo)] and "not a regular file" in report["failed"][str(fifo)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from fractions import Fraction
 
 import cv2
@@ -389,3 +390,38 @@ def test_decode_errors_that_keep_the_frames_are_returned_as_warnings(tmp_path):
     assert len(segment) == 1 and "frames [0, 40), kept: " in segment[0]
     none: list[str] = []
     assert len(decode_all(clean, warnings=none)) == 50 and none == []
+
+
+def test_stalled_ffmpeg_is_killed_after_the_timeout(tmp_path, monkeypatch):
+    """A stand-in for ffmpeg writes part of a frame, then hangs in a child process: the decode fails
+    within the timeout, naming it, and neither the stand-in nor its child is left running."""
+    from quovadis.pipeline import decode
+
+    src = make_video(tmp_path / "a.mp4", fps=25, duration=0.5)
+    info = probe(src)
+    pid_file = tmp_path / "sleeper.pid"
+    script = f"head -c 1000 /dev/zero; sleep 1000 & echo $! > {pid_file}; wait"
+    monkeypatch.setattr(decode, "build_command", lambda *a, **k: ["sh", "-c", script])
+    began = time.monotonic()
+    with pytest.raises(DecodeError, match=r"no progress for 2 s; killed"):
+        list(iter_frames(src, DecodeConfig(short_side=0, timeout_s=2), info))
+    assert time.monotonic() - began < 10
+    sleeper = int(pid_file.read_text())
+    deadline = time.monotonic() + 5  # the orphaned child is reaped by init
+    while time.monotonic() < deadline and _running(sleeper):
+        time.sleep(0.05)
+    assert not _running(sleeper)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_decode_timeout_must_not_be_negative():
+    with pytest.raises(ConfigError, match="timeout"):
+        DecodeConfig(timeout_s=-1)

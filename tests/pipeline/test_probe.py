@@ -153,3 +153,10 @@ def test_ffmpeg_on_path_is_preferred(tmp_path, monkeypatch):
     calls = log.read_text().splitlines()
     # our probe, iter_frames' own probe, the decode: all through the wrapper
     assert len(calls) == 3 and all(str(path) in c for c in calls) and "rawvideo" in calls[2]
+
+
+def test_fifo_fails_at_once_without_opening_it(tmp_path):
+    fifo = tmp_path / "stream.mp4"
+    os.mkfifo(fifo)  # no writer: open(fifo, "rb") would block forever
+    with pytest.raises(DecodeError, match="not a regular file"):
+        probe(fifo)
