@@ -17,7 +17,6 @@ import numpy as np
 
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flowviz import flow_to_color
-from quovadis.pipeline.shards import open_video
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,8 @@ def frame_indices(num_frames: int, rows: int, with_flow: bool) -> np.ndarray:
 
 def contact_sheet(shard_dir: Path, video: str, *, frames: int = 6, max_flow: float | None = None) -> np.ndarray:
     """uint8 (H', W', 3) RGB sheet: per row, frame t and the colour-coded flow t -> t+1."""
+    from quovadis.pipeline.shards import open_video  # h5py and torch: here, so `show --help` is fast
+
     with open_video(shard_dir, video) as v:
         with_flow = "flow" in v.streams
         if not with_flow:

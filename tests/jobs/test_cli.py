@@ -38,10 +38,10 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"quovadis {__version__}"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["show", "--help"]])
 def test_help_imports_no_heavy_module(args):
-    """The command's --help and --version need none of torch, Ray, OpenCV, h5py (they take seconds
-    to import): the parser imports only the chosen subcommand's job module."""
+    """--help and --version need none of torch, Ray, OpenCV, h5py (they take seconds to import):
+    the parser imports only the chosen subcommand's job module, which imports them where it runs."""
     result = subprocess.run([sys.executable, "-c", IMPORTS_AFTER_CLI, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     usage, modules = result.stdout.strip().rsplit("\n", 1)
