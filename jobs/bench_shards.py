@@ -101,7 +101,7 @@ def _measure(videos: dict[str, np.ndarray], compression: str, chunk: int, args, 
         rng = np.random.default_rng(attempt)
         long_enough = [e for e in entries if e.frames >= args.clip_len]
         read_bytes = 0
-        with ShardReader(out / entries[0].shard) as reader:
+        with ShardReader(out / entries[0].file) as reader:
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.clips):
                 e = long_enough[rng.integers(len(long_enough))]

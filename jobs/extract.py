@@ -59,11 +59,11 @@ from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import init_ray, out_dir_lock
 from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
-from quovadis.pipeline import conventions, features, manifest
+from quovadis.pipeline import conventions, durable, features, manifest
 from quovadis.pipeline.decode import DecodeConfig
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig
-from quovadis.pipeline.manifest import ManifestEntry
+from quovadis.pipeline.manifest import LedgerEntry
 from quovadis.pipeline.shards import ShardConfig, ShardReader, list_shards, read_frames, video_key
 
 log = logging.getLogger(__name__)
@@ -239,11 +239,11 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
         features.remove_leftovers(out)
         recorded = features.load_index(out)
         _check_settings(out, _settings(cfg, sha256), has_results=bool(recorded))
-        features.remove_orphans(out, recorded)
+        features.record_unlisted(out)
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
         todo = [p for p in videos if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
-        stored: list[tuple[str, ManifestEntry]] = []  # (shard dir, entry) of shard-directory inputs
+        stored: list[tuple[str, LedgerEntry]] = []  # (shard dir, entry) of shard-directory inputs
         seen = set(videos)
         for d in shard_dirs:
             for entry in manifest.load(Path(d)).values():
@@ -286,10 +286,8 @@ def _check_settings(out: Path, settings: dict[str, Any], has_results: bool) -> N
     line yet, or none recorded (made by an older quovadis), takes this run's settings."""
     path = out / SETTINGS_NAME
     if not has_results or not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, path)
+            durable.write_json_atomic(path, settings, sort_keys=True)
         except OSError as e:  # e.g. a full disk: a clear error, exit 3, not a traceback
             raise QuovadisError(f"cannot write {path}: {e.strerror or e}") from e
         return
@@ -380,10 +378,10 @@ def _gpu_share(cfg: ExtractConfig, decoding: bool) -> float:
     return _GPU_SHARE_BESIDE_FLOW if shared else 1.0
 
 
-def _group_by_shard(stored) -> dict[str, dict[str, list[ManifestEntry]]]:
-    grouped: dict[str, dict[str, list[ManifestEntry]]] = {}
+def _group_by_shard(stored) -> dict[str, dict[str, list[LedgerEntry]]]:
+    grouped: dict[str, dict[str, list[LedgerEntry]]] = {}
     for shard_dir, entry in stored:
-        grouped.setdefault(shard_dir, {}).setdefault(entry.shard, []).append(entry)
+        grouped.setdefault(shard_dir, {}).setdefault(entry.file, []).append(entry)
     return grouped
 
 
@@ -395,7 +393,7 @@ def _forget_missing_shards(shards_dir: Path, todo: list[str]) -> None:
     if not shards_dir.is_dir():
         return
     entries = manifest.load(shards_dir)
-    gone = {p for p in todo if (e := entries.get(p)) is not None and e.status == "ok" and not (shards_dir / e.shard).is_file()}
+    gone = {p for p in todo if (e := entries.get(p)) is not None and e.status == "ok" and not (shards_dir / e.file).is_file()}
     if not gone:
         return
     path = manifest.manifest_path(shards_dir)
@@ -407,9 +405,7 @@ def _forget_missing_shards(shards_dir: Path, todo: list[str]) -> None:
         except ValueError:
             continue
         keep.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    durable.write_text_atomic(path, "".join(keep))
     for p in sorted(gone):
         log.info("%s: its shard is gone, decoding it again", p)
 
@@ -494,7 +490,7 @@ class _FeatureStage:
 
     def __init__(self, cfg: ExtractConfig, pcfg: PredictorConfig, out: Path, report: JobReport,
                  attrs: dict[str, Any], labels: list[str] | None, decoding: bool,
-                 recorded: dict[str, features.IndexEntry]) -> None:  # fmt: skip
+                 recorded: dict[str, LedgerEntry]) -> None:  # fmt: skip
         self.cfg, self.out, self.report, self.attrs, self.labels = cfg, out, report, attrs, labels
         self.indexed = {video_key(p) for p in recorded}  # keys with an index line: their shards may go
         cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -672,7 +668,7 @@ class _FeatureStage:
         self._check_shard(video.shard)
 
     def _record_failed(self, videos: list[_VideoJob]) -> None:
-        features.append_index(self.out, [features.IndexEntry.failed(v.input, v.error) for v in videos])
+        features.append_index(self.out, [LedgerEntry.failed(v.input, v.error) for v in videos])
         self.indexed.update(v.key for v in videos)
         for v in videos:
             self.report.failed[v.input] = v.error

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quovadis.pipeline.errors import ConfigError, ShardError
-from quovadis.pipeline.manifest import ManifestEntry, load as manifest_load
+from quovadis.pipeline.manifest import LedgerEntry, load as manifest_load
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,10 @@ def read_rows(csv_path: Path) -> list[tuple[str, str, str | None, int]]:
 class _Index:
     """Lookup of stored videos by path, key, file name and stem."""
 
-    def __init__(self, entries: Sequence[ManifestEntry]):
+    def __init__(self, entries: Sequence[LedgerEntry]):
         self.by_input = {e.input: e for e in entries}
         self.by_key = {e.key: e for e in entries}
-        self.by_name: dict[str, list[ManifestEntry]] = defaultdict(list)
+        self.by_name: dict[str, list[LedgerEntry]] = defaultdict(list)
         for e in entries:
             base = os.path.basename(e.input)
             self.by_name[base].append(e)
@@ -109,7 +109,7 @@ class _Index:
             if stem != base:
                 self.by_name[stem].append(e)
 
-    def find(self, name: str, bases: Sequence[Path]) -> tuple[ManifestEntry | None, str | None]:
+    def find(self, name: str, bases: Sequence[Path]) -> tuple[LedgerEntry | None, str | None]:
         """(entry, None) when `name` names one video, else (None, why)."""
         if name in self.by_input:
             return self.by_input[name], None
@@ -160,7 +160,7 @@ def load_labels(
     rows = read_rows(csv_path)
     unmatched: list[str] = []
     seen: dict[str, int] = {}
-    matched: list[tuple[ManifestEntry, str, str | None]] = []
+    matched: list[tuple[LedgerEntry, str, str | None]] = []
     for video, label, split, number in rows:
         entry, why = index.find(video, bases)
         if entry is None:
@@ -197,7 +197,7 @@ def load_labels(
     class_index = {name: i for i, name in enumerate(class_names)}
     videos = tuple(
         LabelledVideo(
-            input=e.input, key=e.key, shard=e.shard, frames=int(e.frames), label=class_index[label], split=split
+            input=e.input, key=e.key, shard=e.file, frames=int(e.frames), label=class_index[label], split=split
         )
         for e, label, split in matched
     )

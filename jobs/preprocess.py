@@ -38,7 +38,7 @@ from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
 from quovadis.pipeline import manifest
-from quovadis.pipeline.manifest import ManifestEntry
+from quovadis.pipeline.manifest import LedgerEntry
 from quovadis.pipeline.shards import COMPRESSIONS, ShardConfig, ShardWriter, record_unlisted_shards
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def flow_on_gpu(cfg: FlowConfig, gpus: int) -> bool:
     return gpus > 0 and cfg.backend == "torch" and (cfg.device is None or cfg.device.startswith("cuda"))
 
 
-def _settle(report: JobReport, todo: list[str], recorded: dict[str, ManifestEntry], writer_error: str | None) -> None:
+def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None) -> None:
     """The manifest is the truth: a video is ok only once its shard is final and recorded, so a
     video whose shard could not be finalised (e.g. a full disk) is reported failed."""
     report.ok = [p for p in todo if (e := recorded.get(p)) is not None and e.status == "ok"]
@@ -274,7 +274,7 @@ class _Scheduler:
                 log.warning("could not drop the partial data of %s", failure_reason(e, video.path))
         self.report.failed[video.path] = reason
         try:
-            manifest.append(self.out, [ManifestEntry.failed(video.path, reason)])
+            manifest.append(self.out, [LedgerEntry.failed(video.path, reason)])
         except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
             log.error("%s", e)
         self._video_done()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Any, Protocol
 
 import ray.exceptions
 
+from quovadis.pipeline.durable import write_json_atomic
 from quovadis.pipeline.errors import QuovadisError
 
 REPORT_NAME = "report.json"
@@ -68,12 +67,8 @@ class JobReport:
         return data
 
     def write(self, out_dir: Path) -> Path:
-        """Write report.json atomically (temporary name, then rename)."""
-        path = out_dir / REPORT_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-        return path
+        """Write report.json durably (pipeline.durable)."""
+        return write_json_atomic(out_dir / REPORT_NAME, self.to_json(), indent=2)
 
 
 def failure_reason(e: BaseException, path: str | None = None) -> str:

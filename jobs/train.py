@@ -55,6 +55,7 @@ from quovadis.models.i3d import BN_MOMENTUM, InceptionI3d
 from quovadis.models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
 from quovadis.pipeline import conventions
 from quovadis.pipeline.dataset import ShardDataset
+from quovadis.pipeline.durable import write_atomic, write_json_atomic, write_text_atomic
 from quovadis.pipeline.errors import ConfigError, QuovadisError, WeightsError
 from quovadis.pipeline.manifest import load as manifest_load
 
@@ -238,10 +239,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    path = run_dir / METRICS_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-    os.replace(tmp, path)
+    write_text_atomic(run_dir / METRICS_NAME, "".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, *, size: tuple[int, int] = (900, 360)) -> Path:
@@ -280,11 +278,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, size: tuple[int, i
             for p in pts:
                 cv2.circle(img, p, 3, colour, -1, cv2.LINE_AA)
             cv2.putText(img, key, (x1 - 90, y0 + 18 + 16 * j), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    if not cv2.imwrite(str(tmp), img):
-        raise QuovadisError(f"cannot write plot {path}")
-    os.replace(tmp, path)
-    return path
+    ok, png = cv2.imencode(".png", img)
+    if not ok:
+        raise QuovadisError(f"cannot encode plot {path}")
+    return write_atomic(path, lambda f: f.write(png.tobytes()))
 
 
 def model_config(cfg: TrainConfig, classes: tuple[str, ...], epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -579,7 +576,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
 
     with out_dir_lock(run_dir):
         resume_from = _resume_point(cfg, resume)
-        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "classes": list(labels.classes)}, indent=2) + "\n")
+        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "classes": list(labels.classes)}, indent=2)
         init_ray(cfg.address)
         import ray.train
         from ray.train.torch import TorchTrainer

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from quovadis.models.i3d import I3DConfig, InceptionI3d, TwoStreamI3D
+from quovadis.pipeline.durable import write_atomic
 from quovadis.pipeline.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -250,16 +251,11 @@ def save_checkpoint(path: str | os.PathLike, model: InceptionI3d | TwoStreamI3D,
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save under a temporary name, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """torch.save through pipeline.durable: a crash never leaves a half-written file."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        return write_atomic(path, lambda f: torch.save(obj, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise WeightsError(f"cannot write {path}: {e.strerror or e}") from e
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[InceptionI3d | TwoStreamI3D, dict[str, Any]]:

@@ -38,7 +38,7 @@ import torch
 
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, ShardError
-from quovadis.pipeline.manifest import ManifestEntry, load as manifest_load
+from quovadis.pipeline.manifest import LedgerEntry, load as manifest_load
 from quovadis.pipeline.shards import read_frames
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ShardDataset(torch.utils.data.Dataset):
             missing = {v for v, forms in names.items() if not forms & found}
             if missing:
                 raise ConfigError(f"{self.shard_dir}: not stored (no ok manifest entry): {sorted(missing)[:5]}")
-        self.entries: list[ManifestEntry] = []
+        self.entries: list[LedgerEntry] = []
         for e in sorted(entries, key=lambda e: e.input):  # independent of how preprocess packed shards
             if "flow" in self.streams and (e.frames < 2 or "flow" not in e.info.get("streams", ["flow"])):
                 log.warning("%s: skipped, no flow stored (%d frames)", e.input, e.frames)
@@ -178,21 +178,21 @@ class ShardDataset(torch.utils.data.Dataset):
             return (height - size) // 2, (width - size) // 2, size, size
         return rand(height - size + 1), rand(width - size + 1), size, size
 
-    def _group(self, entry: ManifestEntry) -> h5py.Group:
+    def _group(self, entry: LedgerEntry) -> h5py.Group:
         if os.getpid() != self._pid:  # a forked worker: never share the parent's HDF5 handles
             self._files = {}
             self._pid = os.getpid()
-        f = self._files.get(entry.shard)
+        f = self._files.get(entry.file)
         if f is None:
-            path = self.shard_dir / entry.shard
+            path = self.shard_dir / entry.file
             if len(self._files) >= _MAX_OPEN_FILES:
                 self._files.pop(next(iter(self._files))).close()
             try:
                 f = h5py.File(path, "r", rdcc_nbytes=_READ_CACHE_BYTES)
             except OSError as e:
                 raise ShardError(f"cannot open shard {path}: {e}") from e
-            self._files[entry.shard] = f
+            self._files[entry.file] = f
         try:
             return f[entry.key]
         except KeyError:
-            raise ShardError(f"{self.shard_dir / entry.shard} has no video {entry.key} ({entry.input})") from None
+            raise ShardError(f"{self.shard_dir / entry.file} has no video {entry.key} ({entry.input})") from None

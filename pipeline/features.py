@@ -7,11 +7,12 @@ Directory written by `quovadis extract` (readable with h5py/numpy and json alone
     OUT/<key>_rgb.npy, ...       npy format instead: per video `<key>_rgb.npy`, `<key>_flow.npy`
                                  (N, 1024), `<key>_timestamps.npy` (N, 2) [start_s, end_s), and with
                                  --logits `<key>_logits_rgb.npy`, `<key>_logits_flow.npy`,
-                                 `<key>_logits.npy`; each written as `.tmp` then renamed
+                                 `<key>_logits.npy`; each written durably (pipeline.durable)
     OUT/index.jsonl              one JSON line per input event, appended after the files exist:
       {"input": "/abs/video.mp4", "status": "ok" | "failed", "file": "features-00000.h5" (hdf5) or
        "<key>" (npy prefix), "key": "<key>", "clips": N, "frames": T, "reason": null | "one line",
-       "info": {...}}            the LAST line of an input wins; torn lines are skipped
+       "info": {...}, "warnings": [...]}   ffmpeg errors of a decode that kept its frames (from the
+                                 shard); the LAST line of an input wins; torn lines are skipped
     OUT/shards/                  the intermediate shards (deleted per shard unless --keep-shards)
     OUT/report.json              the job summary
 
@@ -44,7 +45,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,10 @@ import h5py
 import numpy as np
 import torch
 
-from quovadis.pipeline import conventions
+from quovadis.pipeline import conventions, durable
 from quovadis.pipeline.errors import ConfigError, ShardError
-from quovadis.pipeline.manifest import Status, append_lines, load_lines
-from quovadis.pipeline.shards import attr_value, fsync_path
+from quovadis.pipeline.manifest import LedgerEntry, adopt_unlisted, append_lines, load_lines
+from quovadis.pipeline.shards import attr_value
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ INDEX_NAME = "index.jsonl"
 FORMATS = ("hdf5", "npy")
 FEATURE_DTYPES = ("float32", "float16")
 FEATURE_PATTERN = re.compile(r"^features-(\d{5,})\.h5$")
-TMP_SUFFIX = ".tmp"
+META_SUFFIX = "_meta.json"  # npy: <key>_meta.json, committed after the video's arrays
 STREAMS = ("rgb", "flow")
 LOGIT_NAMES = ("logits_rgb", "logits_flow", "logits")
 
@@ -94,6 +95,7 @@ class VideoFeatures:
     features: dict[str, np.ndarray]
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # of its decode, for the index entry
 
     @property
     def clips(self) -> int:
@@ -117,67 +119,49 @@ class VideoFeatures:
 # -- the index ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class IndexEntry:
-    """One event for one input: features written (`ok`, with file/key/clips) or `failed`."""
-
-    input: str
-    status: Status
-    file: str | None = None
-    key: str | None = None
-    clips: int | None = None
-    frames: int | None = None
-    reason: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status == "ok" and (not self.file or not self.key or self.clips is None):
-            raise ShardError(f"index entry for {self.input!r}: ok needs file, key and clips")
-        if self.status == "failed" and not self.reason:
-            raise ShardError(f"index entry for {self.input!r}: failed needs a reason")
-        if self.status not in ("ok", "failed"):
-            raise ShardError(f"index entry for {self.input!r}: unknown status {self.status!r}")
-
-    @classmethod
-    def failed(cls, input: str, reason: str) -> IndexEntry:
-        return cls(input=input, status="failed", reason=" ".join(str(reason).split()) or "unknown error")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=True, sort_keys=True, default=str)
-
-
 def index_path(out_dir: str | os.PathLike[str]) -> Path:
     return Path(out_dir) / INDEX_NAME
 
 
-def append_index(out_dir: str | os.PathLike[str], entries: Iterable[IndexEntry]) -> None:
+def append_index(out_dir: str | os.PathLike[str], entries: Iterable[LedgerEntry]) -> None:
     """Append entries as lines and fsync (pipeline.manifest.append_lines)."""
     append_lines(index_path(out_dir), [e.to_json() for e in entries])
 
 
-def load_index(out_dir: str | os.PathLike[str]) -> dict[str, IndexEntry]:
+def load_index(out_dir: str | os.PathLike[str]) -> dict[str, LedgerEntry]:
     """The latest entry per input; lines that do not parse (a torn tail) are skipped with a warning."""
-    return load_lines(index_path(out_dir), lambda data: IndexEntry(**{k: data[k] for k in IndexEntry.__dataclass_fields__ if k in data}))
+    return load_lines(index_path(out_dir))
 
 
 # -- writing ----------------------------------------------------------------------------------------
 
 
 def remove_leftovers(out_dir: Path) -> None:
-    """Delete `.tmp` feature files of an interrupted run (they never reached the index)."""
-    for leftover in list(Path(out_dir).glob(f"features-*.h5{TMP_SUFFIX}")) + list(Path(out_dir).glob(f"*.npy{TMP_SUFFIX}")):
+    """Delete the temporary files (pipeline.durable) of an interrupted run: never committed."""
+    for leftover in Path(out_dir).glob(f"*{durable.TMP_SUFFIX}"):
         log.warning("removing %s left by an interrupted run", leftover)
         leftover.unlink()
 
 
-def remove_orphans(out_dir: Path, index: Mapping[str, IndexEntry]) -> None:
-    """Delete complete `features-NNNNN.h5` files no `ok` index line points at: a crash between the
-    rename and the index append left them; their videos are not done and will be written again."""
-    named = {e.file for e in index.values() if e.status == "ok"}
-    for path in Path(out_dir).iterdir():
-        if FEATURE_PATTERN.match(path.name) and path.name not in named:
-            log.warning("removing %s: no index line points at it (interrupted run)", path)
-            path.unlink()
+def record_unlisted(out_dir: Path) -> list[LedgerEntry]:
+    """Adopt committed features the index does not name (manifest.adopt_unlisted, the rule shards
+    follow too): `features-NNNNN.h5` files, and npy videos whose `<key>_meta.json`, committed
+    after all their arrays, exists. A re-run then neither redoes them nor writes them twice."""
+    out_dir = Path(out_dir)
+    files = {p.name: p for p in out_dir.iterdir() if FEATURE_PATTERN.match(p.name)}
+    files.update({p.name[: -len(META_SUFFIX)]: p for p in out_dir.glob(f"*{META_SUFFIX}")})
+    return adopt_unlisted(index_path(out_dir), files, _committed_entries)
+
+
+def _committed_entries(path: Path) -> list[LedgerEntry]:
+    """The `ok` entries of a committed features file (HDF5) or npy meta, read back from disk."""
+    try:
+        if path.suffix == ".h5":
+            return [_entry(v, path.name) for v in _read_hdf5(path)]
+        key = path.name[: -len(META_SUFFIX)]
+        return [_entry(_read_npy(path.parent, key), key)]
+    except (OSError, KeyError, ValueError) as e:
+        raise ShardError(f"cannot read features from {path}: {e}") from e
 
 
 def next_feature_index(out_dir: Path) -> int:
@@ -185,16 +169,17 @@ def next_feature_index(out_dir: Path) -> int:
     return max(found, default=-1) + 1
 
 
-def _entry(video: VideoFeatures, file: str) -> IndexEntry:
+def _entry(video: VideoFeatures, file: str) -> LedgerEntry:
     info = {"fps": video.fps, "clip_len": video.clip_len, "streams": sorted(video.features, key=STREAMS.index)}
     info.update({k: v for k, v in video.attrs.items() if k in ("stride", "crop", "crop_size", "short_side", "model")})
-    return IndexEntry(input=video.source_path, status="ok", file=file, key=video.key, clips=video.clips,
-                      frames=video.frames, info=json.loads(json.dumps(info, default=str)))  # fmt: skip
+    return LedgerEntry(input=video.source_path, status="ok", file=file, key=video.key, clips=video.clips,
+                      frames=video.frames, info=json.loads(json.dumps(info, default=str)),
+                      warnings=list(video.warnings))  # fmt: skip
 
 
 def write_hdf5(
     out_dir: Path, videos: Sequence[VideoFeatures], *, dtype: str = "float32", labels: Sequence[str] | None = None
-) -> list[IndexEntry]:
+) -> list[LedgerEntry]:
     """Write `videos` into the next `features-NNNNN.h5` (temporary name, fsync, rename), append their
     `ok` index lines, and return them. Nothing is written for an empty list. `labels`: class names
     of the logits, stored once in the file's attrs."""
@@ -204,9 +189,8 @@ def write_hdf5(
         return []
     out_dir = Path(out_dir)
     final = out_dir / f"features-{next_feature_index(out_dir):05d}.h5"
-    tmp = final.with_name(final.name + TMP_SUFFIX)
     try:
-        with h5py.File(tmp, "w") as f:
+        with durable.atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["conventions_version"] = conventions.CONVENTIONS_VERSION
@@ -230,11 +214,7 @@ def write_hdf5(
                 g.create_dataset("clip_start_frame", data=np.asarray(v.clip_start_frame, dtype=np.int64))
                 g.create_dataset("clip_start_s", data=v.clip_start_s)
                 g.create_dataset("clip_end_s", data=v.clip_end_s)
-        fsync_path(tmp)
-        os.replace(tmp, final)
-        fsync_path(out_dir, directory=True)
     except (OSError, ValueError, TypeError) as e:
-        tmp.unlink(missing_ok=True)
         raise ShardError(f"cannot write features {final}: {e}") from e
     entries = [_entry(v, final.name) for v in videos]
     append_index(out_dir, entries)
@@ -243,12 +223,10 @@ def write_hdf5(
 
 
 def write_labels(out_dir: Path, labels: Sequence[str]) -> Path:
-    """OUT/labels.txt, the class names of the npy logits, one per line (temporary name + rename)."""
+    """OUT/labels.txt, the class names of the npy logits, one per line (pipeline.durable)."""
     path = Path(out_dir) / "labels.txt"
-    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        tmp.write_text("".join(f"{name}\n" for name in labels), encoding="utf-8")
-        os.replace(tmp, path)
+        durable.write_text_atomic(path, "".join(f"{name}\n" for name in labels))
     except OSError as e:
         raise ShardError(f"cannot write {path}: {e}") from e
     return path
@@ -260,9 +238,9 @@ def npy_paths(out_dir: Path, key: str) -> dict[str, Path]:
     return {n: Path(out_dir) / f"{key}_{n}.npy" for n in names}
 
 
-def write_npy(out_dir: Path, video: VideoFeatures, *, dtype: str = "float32") -> IndexEntry:
-    """Write one video as video_features-style npy files (each `.tmp` then renamed), then its index
-    line. `<key>_timestamps.npy` is (N, 2) float64 [clip_start_s, clip_end_s)."""
+def write_npy(out_dir: Path, video: VideoFeatures, *, dtype: str = "float32") -> LedgerEntry:
+    """Write one video as video_features-style npy files and `<key>_meta.json` (each durably,
+    pipeline.durable), then its index line. `<key>_timestamps.npy` is (N, 2) float64 [clip_start_s, clip_end_s)."""
     if dtype not in FEATURE_DTYPES:
         raise ConfigError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
     video.check()
@@ -272,16 +250,10 @@ def write_npy(out_dir: Path, video: VideoFeatures, *, dtype: str = "float32") ->
     arrays.update({n: np.asarray(a, dtype=np.float32) for n, a in video.logits.items()})
     try:
         for name, arr in arrays.items():
-            tmp = paths[name].with_name(paths[name].name + TMP_SUFFIX)
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, paths[name])
-        meta = paths["timestamps"].with_name(f"{video.key}_meta.json")
-        meta.write_text(json.dumps({"source_path": video.source_path, "fps": video.fps, "frames": video.frames,
-                                    "clip_len": video.clip_len, **video.attrs}, default=str, indent=1))  # fmt: skip
-        fsync_path(Path(out_dir), directory=True)
+            durable.write_atomic(paths[name], lambda f, arr=arr: np.save(f, arr))
+        durable.write_json_atomic(Path(out_dir) / f"{video.key}{META_SUFFIX}",
+                                  {"source_path": video.source_path, "fps": video.fps, "frames": video.frames,
+                                   "clip_len": video.clip_len, **video.attrs})  # fmt: skip
     except OSError as e:
         raise ShardError(f"cannot write npy features of {video.source_path} in {out_dir}: {e}") from e
     entry = _entry(video, video.key)
@@ -292,36 +264,44 @@ def write_npy(out_dir: Path, video: VideoFeatures, *, dtype: str = "float32") ->
 # -- reading ------------------------------------------------------------------------------------------
 
 
-def read_video(out_dir: str | os.PathLike[str], entry: IndexEntry) -> VideoFeatures:
+def read_video(out_dir: str | os.PathLike[str], entry: LedgerEntry) -> VideoFeatures:
     """The features of one `ok` index entry (HDF5 or npy), as float32 arrays."""
     out_dir = Path(out_dir)
     if entry.status != "ok":
         raise ShardError(f"{out_dir}: {entry.input} failed: {entry.reason}")
-    if entry.file.endswith(".h5"):
-        path = out_dir / entry.file
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("format") != FORMAT:
-                    raise ShardError(f"{path} is not a quovadis features file")
-                g = f[entry.key]
-                attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()}
-                feats = {s: g[s][()].astype(np.float32) for s in STREAMS if s in g}
-                logits = {n: g[n][()] for n in LOGIT_NAMES if n in g}
-                starts = g["clip_start_frame"][()]
-        except (OSError, KeyError) as e:
-            raise ShardError(f"cannot read features of {entry.input} from {path}: {e}") from e
-        return VideoFeatures(entry.key, attrs["source_path"], float(attrs["fps"]), int(attrs["frames"]),
-                             int(attrs["clip_len"]), starts, feats, logits, attrs)  # fmt: skip
-    paths = npy_paths(out_dir, entry.file)
     try:
-        meta = json.loads(paths["timestamps"].with_name(f"{entry.file}_meta.json").read_text())
-        feats = {s: np.load(paths[s]).astype(np.float32) for s in STREAMS if paths[s].exists()}
-        logits = {n: np.load(paths[n]) for n in LOGIT_NAMES if paths[n].exists()}
-        stamps = np.load(paths["timestamps"])
-    except (OSError, ValueError) as e:
-        raise ShardError(f"cannot read npy features of {entry.input} in {out_dir}: {e}") from e
+        if entry.file.endswith(".h5"):
+            return _read_hdf5(out_dir / entry.file, [entry.key])[0]
+        return _read_npy(out_dir, entry.file)
+    except (OSError, KeyError, ValueError) as e:
+        raise ShardError(f"cannot read features of {entry.input} from {out_dir / entry.file}: {e}") from e
+
+
+def _read_hdf5(path: Path, keys: Sequence[str] | None = None) -> list[VideoFeatures]:
+    """The videos `keys` (default: all) of a features file."""
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ShardError(f"{path} is not a quovadis features file")
+        videos = []
+        for key in f.keys() if keys is None else keys:
+            g = f[key]
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in g.attrs.items()}
+            feats = {s: g[s][()].astype(np.float32) for s in STREAMS if s in g}
+            logits = {n: g[n][()] for n in LOGIT_NAMES if n in g}
+            videos.append(VideoFeatures(key, attrs["source_path"], float(attrs["fps"]), int(attrs["frames"]),
+                                        int(attrs["clip_len"]), g["clip_start_frame"][()], feats, logits, attrs))  # fmt: skip
+        return videos
+
+
+def _read_npy(out_dir: Path, key: str) -> VideoFeatures:
+    """The npy video `key` of `out_dir`."""
+    paths = npy_paths(out_dir, key)
+    meta = json.loads((out_dir / f"{key}{META_SUFFIX}").read_text())
+    feats = {s: np.load(paths[s]).astype(np.float32) for s in STREAMS if paths[s].exists()}
+    logits = {n: np.load(paths[n]) for n in LOGIT_NAMES if paths[n].exists()}
+    stamps = np.load(paths["timestamps"])
     starts = np.rint(stamps[:, 0] * float(meta["fps"])).astype(np.int64)
-    return VideoFeatures(entry.key, meta["source_path"], float(meta["fps"]), int(meta["frames"]),
+    return VideoFeatures(key, meta["source_path"], float(meta["fps"]), int(meta["frames"]),
                          int(meta["clip_len"]), starts, feats, logits, meta)  # fmt: skip
 
 
@@ -364,7 +344,7 @@ class FeatureDataset(torch.utils.data.Dataset):
             if len(kept) < len(entries):
                 log.warning("%d of %d videos have no label and are left out", len(entries) - len(kept), len(entries))
             entries = kept
-        self.entries: list[IndexEntry] = entries
+        self.entries: list[LedgerEntry] = entries
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -3,9 +3,9 @@
 Directory (see also pipeline/manifest.py)::
 
     OUT/shard-00000.h5, shard-00001.h5, ...   complete shards, never rewritten
-    OUT/shard-NNNNN.h5.tmp                    a shard being written; renamed (os.replace, after
-                                              fsync) only when closed and complete. A writer
-                                              opening OUT deletes leftovers of a crashed run.
+    OUT/shard-NNNNN.h5.tmp                    a shard being written; committed under its final
+                                              name (pipeline.durable) only when closed and complete.
+                                              A writer opening OUT deletes leftovers of a crashed run.
     OUT/manifest.jsonl                        one line per input event, `ok` lines only after rename
     OUT/report.json                           the job summary
 
@@ -14,7 +14,8 @@ Inside a shard (h5py only is needed to read it)::
     /                        attrs: format="quovadis-shard", format_version, conventions_version
     /<key>                   one group per video, key = video_key(source path)
         attrs: source_path (str), frames, fps, height, width, conventions_version, config (JSON of
-               the job config), complete=True, flow_dtype (when flow is stored), and the probe
+               the job config), complete=True, flow_dtype (when flow is stored), warnings (JSON
+               list of ffmpeg's errors of a decode that kept its frames; [] if none), and the probe
                metadata of the source (source_fps, duration, codec, ... as scalars; other values
                as JSON strings)
         rgb   uint8 (T, H, W, 3), RGB, 0..255, frame k at time k / fps
@@ -42,7 +43,7 @@ import os
 import re
 import shutil
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,22 +51,21 @@ from typing import Any
 import h5py
 import numpy as np
 
-from quovadis.pipeline import conventions
+from quovadis.pipeline import conventions, durable
 from quovadis.pipeline.errors import ConfigError, ShardError
-from quovadis.pipeline.manifest import ManifestEntry, append as manifest_append, load as manifest_load
+from quovadis.pipeline.manifest import LedgerEntry, adopt_unlisted, append as manifest_append, load as manifest_load, manifest_path
 
 log = logging.getLogger(__name__)
 
 FORMAT = "quovadis-shard"
 FORMAT_VERSION = 1
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.h5$")
-TMP_SUFFIX = ".tmp"
 COMPRESSIONS = ("none", "lzf", "gzip1", "gzip4", "gzip9")
 FLOW_DTYPES = ("uint8", "float16")
 STREAMS = ("rgb", "flow")
 _KEY_STEM_CHARS = 48
 _RESERVED_ATTRS = frozenset(
-    {"source_path", "frames", "fps", "height", "width", "conventions_version", "config", "complete", "flow_dtype"}
+    {"source_path", "frames", "fps", "height", "width", "conventions_version", "config", "complete", "flow_dtype", "warnings"}
 )
 _WRITE_CACHE_BYTES = 4 << 20  # per dataset: holds the partial chunks at segment borders
 _READ_CACHE_BYTES = 4 << 20  # per dataset: a few chunks of one clip
@@ -128,14 +128,6 @@ def list_shards(shard_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def attr_value(value: Any) -> Any:
     """A metadata value as an HDF5 attribute: scalars and strings as they are, the rest as JSON."""
     if isinstance(value, str):
@@ -178,6 +170,7 @@ class _Video:
     info: dict[str, Any]
     written: dict[str, _Ranges] = field(default_factory=dict)
     frames: int | None = None  # set by end_video
+    warnings: list[str] = field(default_factory=list)  # set by end_video
 
 
 @dataclass
@@ -214,12 +207,12 @@ class ShardWriter:
         self.cfg = cfg
         self.job_config_json = json.dumps(_json_safe(dict(job_config)), sort_keys=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in self.out_dir.glob(f"shard-*.h5{TMP_SUFFIX}"):
+        for leftover in self.out_dir.glob(f"shard-*.h5{durable.TMP_SUFFIX}"):
             log.warning("removing %s left by an interrupted run", leftover)
             leftover.unlink()
         # never reuse the name of a shard the manifest still points at, even one deleted since
         # (extract deletes its intermediate shards once their features are written)
-        names = [p.name for p in list_shards(self.out_dir)] + [e.shard for e in manifest_load(self.out_dir).values() if e.shard]
+        names = [p.name for p in list_shards(self.out_dir)] + [e.file for e in manifest_load(self.out_dir).values() if e.file]
         self._next_index = max((int(m[1]) for n in names if (m := SHARD_PATTERN.match(n))), default=-1) + 1
         self._shards: list[_Shard] = []
         self._current: _Shard | None = None
@@ -330,8 +323,9 @@ class ShardWriter:
             raise ShardError(f"{video.source_path}: flow must be float pixels or uint8, got {flow.dtype}")
         self._write(video, "flow", start, stored)
 
-    def end_video(self, key: str, frames: int) -> list[ManifestEntry]:
+    def end_video(self, key: str, frames: int, warnings: Sequence[str] = ()) -> list[LedgerEntry]:
         """Mark the video complete with `frames` frames (datasets trimmed to it, flow to frames-1).
+        `warnings` (ffmpeg errors of a decode that kept its frames) go to its attrs and manifest entry.
 
         Raises ShardError when a frame (or flow field) below that count was never written.
         Returns the manifest entries of the shards this completed and renamed.
@@ -346,8 +340,10 @@ class ShardWriter:
                 raise ShardError(f"{video.source_path}: {stream} frames below {need} were not all written")
             group[stream].resize(need, axis=0)
         group.attrs["frames"] = int(frames)
+        group.attrs["warnings"] = json.dumps(list(warnings))
         group.attrs["complete"] = True
         video.frames = int(frames)
+        video.warnings = list(warnings)
         try:
             video.shard.file.flush()  # the video's cached chunks reach the file, so its size is true
         except OSError as e:
@@ -355,20 +351,20 @@ class ShardWriter:
         self._check_full(video.shard)
         return self._finish_ready()
 
-    def abort_video(self, key: str) -> list[ManifestEntry]:
+    def abort_video(self, key: str) -> list[LedgerEntry]:
         """Forget a failed video: its group is deleted (the space is not reclaimed; fine).
 
         Returns the entries of a full shard that this video was the last one open in."""
         self._drop(key)
         return self._finish_ready()
 
-    def finish_ready(self) -> list[ManifestEntry]:
+    def finish_ready(self) -> list[LedgerEntry]:
         """Finalise full shards whose videos are all ended (end_video does this already)."""
         return self._finish_ready()
 
-    def close(self) -> list[ManifestEntry]:
+    def close(self) -> list[LedgerEntry]:
         """Finalise every open shard. Videos not ended are dropped (they have no manifest entry)."""
-        entries: list[ManifestEntry] = []
+        entries: list[LedgerEntry] = []
         for shard in list(self._shards):
             for key in [k for k, v in shard.videos.items() if v.frames is None]:
                 log.warning("%s: dropping unfinished video %s", shard.tmp_path, shard.videos[key].source_path)
@@ -406,7 +402,7 @@ class ShardWriter:
             index = self._next_index
             self._next_index += 1
             final = self.out_dir / shard_name(index)
-            tmp = final.with_name(final.name + TMP_SUFFIX)
+            tmp = durable.tmp_path(final)
             try:
                 f = h5py.File(tmp, "w", rdcc_nbytes=_WRITE_CACHE_BYTES, rdcc_nslots=1021)
             except OSError as e:
@@ -452,15 +448,15 @@ class ShardWriter:
         if not shard.full and shard.size() >= self.cfg.shard_size_bytes:
             shard.full = True
 
-    def _finish_ready(self) -> list[ManifestEntry]:
-        entries: list[ManifestEntry] = []
+    def _finish_ready(self) -> list[LedgerEntry]:
+        entries: list[LedgerEntry] = []
         for shard in list(self._shards):
             if shard.full and all(v.frames is not None for v in shard.videos.values()):
                 entries += self._finalise(shard)
         return entries
 
-    def _finalise(self, shard: _Shard) -> list[ManifestEntry]:
-        """Close, fsync, rename to the final name, then append the `ok` lines of its videos."""
+    def _finalise(self, shard: _Shard) -> list[LedgerEntry]:
+        """Close, commit under the final name (pipeline.durable), then append the `ok` lines of its videos."""
         self._shards.remove(shard)
         if self._current is shard:
             self._current = None
@@ -472,14 +468,13 @@ class ShardWriter:
             if not videos:
                 shard.tmp_path.unlink()
                 return []
-            fsync_path(shard.tmp_path)
-            os.replace(shard.tmp_path, shard.final_path)
-            fsync_path(self.out_dir, directory=True)
+            durable.commit(shard.tmp_path, shard.final_path)
         except OSError as e:
             raise ShardError(f"cannot finalise shard {shard.tmp_path}: {e}") from e
         entries = [
-            ManifestEntry(
-                input=v.source_path, status="ok", shard=shard.name, key=v.key, frames=v.frames, info=v.info
+            LedgerEntry(
+                input=v.source_path, status="ok", file=shard.name, key=v.key, frames=v.frames, info=v.info,
+                warnings=v.warnings,
             )
             for v in videos
         ]
@@ -517,6 +512,7 @@ class StoredVideo:
         self.height: int = int(self.attrs["height"])
         self.width: int = int(self.attrs["width"])
         self.config: dict[str, Any] = json.loads(self.attrs.get("config", "{}"))
+        self.warnings: list[str] = json.loads(self.attrs.get("warnings", "[]"))  # none in older shards
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -572,35 +568,30 @@ class ShardReader:
         self.close()
 
 
-def record_unlisted_shards(out_dir: Path) -> list[ManifestEntry]:
-    """Append the `ok` lines of complete shards that the manifest does not name.
+def record_unlisted_shards(out_dir: Path) -> list[LedgerEntry]:
+    """Adopt complete shards that the manifest does not name (manifest.adopt_unlisted): a re-run
+    neither redoes their videos nor stores them twice."""
+    return adopt_unlisted(manifest_path(out_dir), {p.name: p for p in list_shards(out_dir)}, _shard_entries)
 
-    A writer killed between a shard's rename and its manifest lines leaves such a shard: recording
-    it at the next start means a re-run neither redoes its videos nor stores them twice.
-    """
-    listed = {e.shard for e in manifest_load(out_dir).values() if e.status == "ok"}
+
+def _shard_entries(path: Path) -> list[LedgerEntry]:
+    """The `ok` entries of a shard's videos, read back from the shard (all of them are complete)."""
     entries = []
-    for path in list_shards(out_dir):
-        if path.name in listed:
-            continue
-        with ShardReader(path) as reader:
-            for key in reader.keys():
-                video = reader[key]
-                info = {k: v for k, v in video.attrs.items() if k not in _RESERVED_ATTRS}
-                info.update(fps=video.fps, height=video.height, width=video.width, streams=list(video.streams))
-                entries.append(
-                    ManifestEntry(input=video.source_path, status="ok", shard=path.name, key=key,
-                                  frames=video.frames, info=_json_safe(info))
-                )  # fmt: skip
-        log.warning("%s was complete but not in the manifest (interrupted run): recorded it", path)
-    if entries:
-        manifest_append(out_dir, entries)
+    with ShardReader(path) as reader:
+        for key in reader.keys():
+            video = reader[key]
+            info = {k: v for k, v in video.attrs.items() if k not in _RESERVED_ATTRS}
+            info.update(fps=video.fps, height=video.height, width=video.width, streams=list(video.streams))
+            entries.append(
+                LedgerEntry(input=video.source_path, status="ok", file=path.name, key=key,
+                            frames=video.frames, info=_json_safe(info), warnings=video.warnings)
+            )  # fmt: skip
     return entries
 
 
-def find_entry(shard_dir: Path, entry_or_key: ManifestEntry | str) -> ManifestEntry:
-    """The `ok` manifest entry for a ManifestEntry, a video key, or an input path."""
-    if isinstance(entry_or_key, ManifestEntry):
+def find_entry(shard_dir: Path, entry_or_key: LedgerEntry | str) -> LedgerEntry:
+    """The `ok` manifest entry for a LedgerEntry, a video key, or an input path."""
+    if isinstance(entry_or_key, LedgerEntry):
         return entry_or_key
     entries = manifest_load(shard_dir)
     entry = entries.get(entry_or_key) or entries.get(os.path.abspath(entry_or_key))
@@ -632,10 +623,10 @@ class OpenVideo(StoredVideo):
         self.close()
 
 
-def open_video(shard_dir: Path, entry_or_key: ManifestEntry | str) -> OpenVideo:
+def open_video(shard_dir: Path, entry_or_key: LedgerEntry | str) -> OpenVideo:
     """Open one stored video by manifest entry, key or input path: `with open_video(d, p) as v:`."""
     entry = find_entry(Path(shard_dir), entry_or_key)
-    reader = ShardReader(Path(shard_dir) / entry.shard)
+    reader = ShardReader(Path(shard_dir) / entry.file)
     try:
         return OpenVideo(reader, entry.key)
     except Exception:

@@ -6,7 +6,7 @@ import pytest
 
 from quovadis.jobs.labels import load_labels
 from quovadis.pipeline.errors import ConfigError
-from quovadis.pipeline.manifest import ManifestEntry, append
+from quovadis.pipeline.manifest import LedgerEntry, append
 from quovadis.pipeline.shards import video_key
 
 
@@ -18,10 +18,10 @@ def shard_dir(tmp_path):
     paths = [tmp_path / "clips" / "walk_01.mp4", tmp_path / "clips" / "run_02.mp4",
              tmp_path / "a" / "same.mp4", tmp_path / "b" / "same.mp4"]  # fmt: skip
     entries = [
-        ManifestEntry(input=str(p), status="ok", shard="shard-00000.h5", key=video_key(p), frames=30 + i)
+        LedgerEntry(input=str(p), status="ok", file="shard-00000.h5", key=video_key(p), frames=30 + i)
         for i, p in enumerate(paths)
     ]
-    entries.append(ManifestEntry.failed(str(tmp_path / "clips" / "broken.mp4"), "not a video"))
+    entries.append(LedgerEntry.failed(str(tmp_path / "clips" / "broken.mp4"), "not a video"))
     append(out, entries)
     return out, paths
 

@@ -40,7 +40,7 @@ def _read_all(out: Path) -> dict[str, dict]:
     for entry in manifest.load(out).values():
         if entry.status != "ok":
             continue
-        with h5py.File(out / entry.shard, "r") as f:
+        with h5py.File(out / entry.file, "r") as f:
             group = f[entry.key]
             videos[entry.input] = {
                 "frames": entry.frames,
@@ -226,7 +226,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     for shard in out.glob("shard-*.h5"):
         with h5py.File(shard, "r") as f:
             groups += [(shard.name, k) for k in f.keys()]
-    entries = {(e.shard, e.key) for e in manifest.load(out).values() if e.status == "ok"}
+    entries = {(e.file, e.key) for e in manifest.load(out).values() if e.status == "ok"}
     assert sorted(groups) == sorted(entries)
 
 

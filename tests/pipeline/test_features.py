@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from quovadis.pipeline import conventions
+from quovadis.pipeline import conventions, durable
 from quovadis.pipeline.errors import ConfigError
 from quovadis.pipeline.features import (
     FeatureDataset,
-    IndexEntry,
     VideoFeatures,
     append_index,
     clip_times,
@@ -21,11 +20,12 @@ from quovadis.pipeline.features import (
     load_index,
     npy_paths,
     read_video,
+    record_unlisted,
     remove_leftovers,
-    remove_orphans,
     write_hdf5,
     write_npy,
 )
+from quovadis.pipeline.manifest import LedgerEntry
 from quovadis.pipeline.shards import video_key
 
 
@@ -93,10 +93,10 @@ def test_npy_files_are_named_by_the_safe_key(tmp_path):
 
 
 def test_index_last_line_wins_and_torn_lines_are_skipped(tmp_path):
-    append_index(tmp_path, [IndexEntry.failed("/v.mp4", "boom\nsecond line")])
+    append_index(tmp_path, [LedgerEntry.failed("/v.mp4", "boom\nsecond line")])
     with open(tmp_path / "index.jsonl", "a") as f:
         f.write('{"input": "/w.mp4", "stat')  # a crash mid-line
-    append_index(tmp_path, [IndexEntry("/v.mp4", "ok", file="features-00000.h5", key="v-1", clips=2, frames=30)])
+    append_index(tmp_path, [LedgerEntry("/v.mp4", "ok", file="features-00000.h5", key="v-1", clips=2, frames=30)])
     index = load_index(tmp_path)
     assert set(index) == {"/v.mp4"} and index["/v.mp4"].status == "ok"
     (tmp_path / "features-00003.h5.tmp").write_bytes(b"partial")
@@ -130,11 +130,37 @@ def test_feature_dataset_and_collate(tmp_path, fmt):
         FeatureDataset(tmp_path, streams=("depth",))
 
 
-def test_a_features_file_without_index_lines_is_removed(tmp_path):
-    """A crash between the rename and the index append leaves a complete file nobody points at."""
-    write_hdf5(tmp_path, [_video("/a.mp4", 20)])
+@pytest.mark.parametrize("fmt", ["hdf5", "npy"])
+def test_committed_features_without_index_lines_are_adopted(tmp_path, fmt):
+    """A crash between the commit and the index append leaves complete files no line names: the
+    next run records them from the files (manifest.adopt_unlisted), as it does for shards."""
+    write = (lambda v: write_hdf5(tmp_path, [v])) if fmt == "hdf5" else (lambda v: [write_npy(tmp_path, v)])
+    write(_video("/a.mp4", 20))
     lines = (tmp_path / "index.jsonl").read_text()
-    write_hdf5(tmp_path, [_video("/b.mp4", 20)])
+    expected = write(_video("/b.mp4", 40, seed=1))
     (tmp_path / "index.jsonl").write_text(lines)  # as if killed before the second append
-    remove_orphans(tmp_path, load_index(tmp_path))
-    assert sorted(p.name for p in tmp_path.glob("features-*.h5")) == ["features-00000.h5"]
+    assert set(load_index(tmp_path)) == {"/a.mp4"}
+    assert record_unlisted(tmp_path) == expected
+    index = load_index(tmp_path)
+    assert set(index) == {"/a.mp4", "/b.mp4"} and index["/b.mp4"] == expected[0]
+    np.testing.assert_array_equal(read_video(tmp_path, index["/b.mp4"]).features["rgb"], _video("/b.mp4", 40, seed=1).features["rgb"])
+    assert record_unlisted(tmp_path) == []  # adopted once
+
+
+def test_a_crash_while_writing_npy_meta_keeps_the_previous_meta(tmp_path, monkeypatch):
+    """`<key>_meta.json` goes through pipeline.durable (it was written in place)."""
+    write_npy(tmp_path, _video("/a.mp4", 20))
+    meta = tmp_path / f"{video_key('/a.mp4')}_meta.json"
+    before = meta.read_bytes()
+
+    def crash(path, data, **kwargs):
+        def write(f):
+            f.write(b'{"source_path": "/a.mp4", "fps"')
+            raise OSError("disk unplugged")
+
+        durable.write_atomic(path, write)
+
+    monkeypatch.setattr(durable, "write_json_atomic", crash)
+    with pytest.raises(Exception, match="disk unplugged"):
+        write_npy(tmp_path, _video("/a.mp4", 40, seed=1))
+    assert meta.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

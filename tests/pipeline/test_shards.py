@@ -24,6 +24,7 @@ from quovadis.pipeline.shards import (
     ShardWriter,
     list_shards,
     open_video,
+    record_unlisted_shards,
     video_key,
 )
 from tests.conftest import REPO, shared_path
@@ -99,7 +100,7 @@ def test_round_trip_out_of_order_interleaved_segments(tmp_path):
     entries = manifest.load(tmp_path)
     assert {e.status for e in entries.values()} == {"ok"} and len(entries) == 2
     ea = entries["/v/a dir/a.mp4"]
-    assert (ea.shard, ea.key, ea.frames) == ("shard-00000.h5", ka, 23)
+    assert (ea.file, ea.key, ea.frames) == ("shard-00000.h5", ka, 23)
     assert ea.info["codec"] == "h264" and ea.info["height"] == H and ea.info["streams"] == ["rgb", "flow"]
     assert ea.info["source_width"] == 640 and ea.info["fps"] == conventions.FPS
 
@@ -196,17 +197,17 @@ def test_rollover_by_size_and_full_shard_waits_for_its_videos(tmp_path):
     w.write_rgb(k3, 0, big)
     w.write_rgb(k2, 0, big[:10])
     done = w.end_video(k2, 10)
-    assert [(e.input, e.shard) for e in done] == [("/v/1.mp4", "shard-00000.h5"), ("/v/2.mp4", "shard-00000.h5")]
+    assert [(e.input, e.file) for e in done] == [("/v/1.mp4", "shard-00000.h5"), ("/v/2.mp4", "shard-00000.h5")]
     assert [p.name for p in list_shards(tmp_path)] == ["shard-00000.h5"]
     assert set(manifest.load(tmp_path)) == {"/v/1.mp4", "/v/2.mp4"}  # appended right after the rename
     done = w.end_video(k3, 40)  # shard 1 is full too and has nothing open
-    assert [(e.input, e.shard) for e in done] == [("/v/3.mp4", "shard-00001.h5")]
+    assert [(e.input, e.file) for e in done] == [("/v/3.mp4", "shard-00001.h5")]
     k4 = begin(w, "/v/4.mp4", 5)
     w.write_rgb(k4, 0, big[:5])
     w.end_video(k4, 5)
-    assert [e.shard for e in w.close()] == ["shard-00002.h5"]
+    assert [e.file for e in w.close()] == ["shard-00002.h5"]
     entries = manifest.load(tmp_path)
-    assert {p: e.shard for p, e in entries.items()} == {
+    assert {p: e.file for p, e in entries.items()} == {
         "/v/1.mp4": "shard-00000.h5", "/v/2.mp4": "shard-00000.h5",
         "/v/3.mp4": "shard-00001.h5", "/v/4.mp4": "shard-00002.h5",
     }  # fmt: skip
@@ -272,9 +273,29 @@ def test_killed_writer_leaves_only_tmp_which_the_next_writer_removes(tmp_path):
     k = begin(w, "/v/killed.mp4", 4)
     w.write_rgb(k, 0, frames_of(4, 1))
     w.end_video(k, 4)
-    assert [e.shard for e in w.close()] == ["shard-00001.h5"]
+    assert [e.file for e in w.close()] == ["shard-00001.h5"]
     assert (tmp_path / "shard-00000.h5").read_bytes() == before  # finished shards never rewritten
-    assert manifest.load(tmp_path)["/v/killed.mp4"].shard == "shard-00001.h5"
+    assert manifest.load(tmp_path)["/v/killed.mp4"].file == "shard-00001.h5"
+
+
+def test_a_committed_shard_without_manifest_lines_is_adopted(tmp_path):
+    """A writer killed between a shard's commit and its manifest append: the next start records the
+    shard's videos from the shard itself (manifest.adopt_unlisted), the rule features follow too."""
+    with ShardWriter(tmp_path, ShardConfig(), {}) as w:
+        k = begin(w, "/v/a.mp4", 3)
+        w.write_rgb(k, 0, frames_of(3, 0))
+        w.end_video(k, 3, warnings=["Error at MB 3 7"])
+    path = tmp_path / manifest.MANIFEST_NAME
+    written = manifest.load(tmp_path)
+    path.write_text("")  # as if killed before the append
+    assert record_unlisted_shards(tmp_path) == list(written.values())
+    assert manifest.load(tmp_path) == written and written["/v/a.mp4"].warnings == ["Error at MB 3 7"]
+    assert record_unlisted_shards(tmp_path) == []  # adopted once
+    with ShardWriter(tmp_path, ShardConfig(), {}) as w:  # the re-run writes a new shard beside it
+        k = begin(w, "/v/b.mp4", 2)
+        w.write_rgb(k, 0, frames_of(2, 1))
+        w.end_video(k, 2)
+    assert [p.name for p in list_shards(tmp_path)] == ["shard-00000.h5", "shard-00001.h5"]
 
 
 def test_a_deleted_shard_that_the_manifest_names_is_never_renamed_onto(tmp_path):
@@ -290,7 +311,7 @@ def test_a_deleted_shard_that_the_manifest_names_is_never_renamed_onto(tmp_path)
         w.write_rgb(k, 0, frames_of(2, 1))
         w.end_video(k, 2)
     entries = manifest.load(tmp_path)
-    assert entries["/v/used.mp4"].shard == "shard-00000.h5" and entries["/v/new.mp4"].shard == "shard-00001.h5"
+    assert entries["/v/used.mp4"].file == "shard-00000.h5" and entries["/v/new.mp4"].file == "shard-00001.h5"
     assert [p.name for p in list_shards(tmp_path)] == ["shard-00001.h5"]
 
 
