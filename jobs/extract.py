@@ -54,7 +54,7 @@ import ray
 from tqdm import tqdm
 
 from quovadis.jobs.inputs import expand_inputs
-from quovadis.jobs.preprocess import PreprocessConfig, flow_on_gpu, parse_size, preprocess
+from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import init_ray, out_dir_lock
 from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
@@ -498,8 +498,9 @@ class _FeatureStage:
         if gpus > 0:
             # no CPU slot: its CPU work is small, and slots held by GPU actors could starve decoding
             n, options, all_cores = gpus, {"num_gpus": _gpu_share(cfg, decoding), "num_cpus": 0}, False
-        else:  # leave the decode task (and a flow actor) their CPU slots: never stall preprocess
-            reserved = (1.0 if decoding else 0.0) + (min(1.0, cpus / 2) if decoding and "flow" in cfg.streams else 0.0)
+        else:  # leave the decode task and the flow actors their CPU slots: never stall preprocess
+            flow_actors, flow_share = cpu_flow_actors(int(cpus))
+            reserved = (1.0 if decoding else 0.0) + (flow_actors * flow_share if decoding and "flow" in cfg.streams else 0.0)
             n, options, all_cores = 1, {"num_cpus": max(0.0, min(1.0, cpus - reserved))}, True
         actor = ray.remote(max_restarts=1, max_task_retries=0, **options)(_PredictorActor)
         self.actors = [actor.remote(pcfg, all_cores) for _ in range(n)]

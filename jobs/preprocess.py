@@ -146,6 +146,19 @@ def flow_on_gpu(cfg: FlowConfig, gpus: int) -> bool:
     return gpus > 0 and cfg.backend == "torch" and (cfg.device is None or cfg.device.startswith("cuda"))
 
 
+def cpu_flow_actors(cpus: int) -> tuple[int, float]:
+    """(actors, Ray CPUs each) for flow on the CPU, the one place that splits CPUs between stages.
+
+    Flow costs ~10x decode per frame, so each core runs one single-threaded flow actor, except a
+    tenth of the cores (at least one) left to the probe and decode tasks (1 CPU each). The actors
+    share what is left in fractions, so a whole CPU always stays free for decode and a 1- or
+    2-CPU machine never stalls (1 CPU: one actor holding none; 2: two actors of 0.5).
+    """
+    decode = max(1, cpus // 10)
+    actors = max(1, cpus - cpus // 10)
+    return actors, max(0, cpus - decode) / actors
+
+
 def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None) -> None:
     """The manifest is the truth: a video is ok only once its shard is final and recorded, so a
     video whose shard could not be finalised (e.g. a full disk) is reported failed."""
@@ -180,9 +193,13 @@ class _Scheduler:
         if "flow" in cfg.streams:
             if flow_on_gpu(cfg.flow, gpus):
                 n, res = gpus, {"num_gpus": cfg.flow_gpu_share, "num_cpus": 0}  # decode tasks keep every CPU slot
+                flow_cfg = cfg.flow
             else:
-                n, res = 1, {"num_cpus": min(1.0, cpus / 2)}
-            self.flow_actors = [ray.remote(**res)(_FlowActor).remote(cfg.flow) for _ in range(n)]
+                n, share = cpu_flow_actors(cpus)
+                res = {"num_cpus": share}
+                # Ray sets OMP_NUM_THREADS from num_cpus; say how many threads torch uses instead
+                flow_cfg = dataclasses.replace(cfg.flow, cpu_threads=cfg.flow.cpu_threads or 1)
+            self.flow_actors = [ray.remote(**res)(_FlowActor).remote(flow_cfg) for _ in range(n)]
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
         self.writer_error: str | None = None
@@ -244,11 +261,12 @@ class _Scheduler:
     def _submit_segment(self, video: _Video, seg: Segment) -> None:
         if video.error is not None:
             return
-        flow_actor = None
-        if self.flow_actors:
-            flow_actor = self.flow_actors[self.next_segment % len(self.flow_actors)]
-            self.next_segment += 1
-        ref = _decode_segment.remote(video.path, video.info, video.key, seg, self.cfg.decode, self.writer, flow_actor)
+        # each segment deals its chunks round-robin over the flow actors, starting one further on
+        first_actor = self.next_segment % max(1, len(self.flow_actors))
+        self.next_segment += 1
+        ref = _decode_segment.remote(
+            video.path, video.info, video.key, seg, self.cfg.decode, self.writer, self.flow_actors, first_actor
+        )
         self.in_flight[ref] = ("segment", video, seg)
 
     def _end(self, video: _Video) -> None:
@@ -326,28 +344,36 @@ def _probe(path: str):
 
 
 @ray.remote(num_cpus=1, max_retries=0)
-def _decode_segment(path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actor) -> int:
+def _decode_segment(
+    path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actors: list, first_actor: int
+) -> int:
     """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment.
 
-    With flow, one frame past the segment's end is decoded so that the flow fields at the border
-    (seg.end-1 -> seg.end) are the ones an unsplit run computes.
+    With flow, chunk i goes to flow_actors[(first_actor + i) % n] and up to n chunks are in flight,
+    so one decode keeps every flow actor busy (decode is ~10x cheaper than flow) while memory stays
+    n chunks per segment. One frame past the segment's end is decoded so that the flow fields at the
+    border (seg.end-1 -> seg.end) are the ones an unsplit run computes.
     """
-    end = seg.end + 1 if (flow_actor is not None and seg.end is not None) else seg.end
+    end = seg.end + 1 if (flow_actors and seg.end is not None) else seg.end
+    window = max(1, len(flow_actors))
     count = 0
     previous = None  # last frame of the previous chunk: the first frame of the next flow pair
-    pending: list = []
-    for chunk in iter_frames(path, cfg, info, start=seg.start, end=end):
+    pending: deque[list] = deque()  # the writes of each chunk in flight, oldest first
+    for i, chunk in enumerate(iter_frames(path, cfg, info, start=seg.start, end=end)):
         own = chunk.frames if seg.end is None else chunk.frames[: seg.end - chunk.start]
-        ray.get(pending)  # backpressure: one chunk in flight per segment
-        pending = []
+        while len(pending) >= window:  # backpressure: at most `window` chunks in flight
+            ray.get(pending.popleft())
+        writes = []
         if len(own):
-            pending.append(writer.write_rgb.remote(key, chunk.start, own))
+            writes.append(writer.write_rgb.remote(key, chunk.start, own))
             count += len(own)
-        if flow_actor is not None:
+        if flow_actors:
             frames = chunk.frames if previous is None else np.concatenate([previous[None], chunk.frames])
             first = chunk.start if previous is None else chunk.start - 1
             if len(frames) >= 2:
-                pending.append(writer.write_flow.remote(key, first, flow_actor.flow.remote(frames)))
+                actor = flow_actors[(first_actor + i) % len(flow_actors)]
+                writes.append(writer.write_flow.remote(key, first, actor.flow.remote(frames)))
             previous = chunk.frames[-1]
-    ray.get(pending)
+        pending.append(writes)
+    ray.get([ref for writes in pending for ref in writes])
     return count

@@ -1,0 +1,59 @@
+"""Flow on a CPU-only machine uses every core: one single-threaded flow actor per core, less decode's share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import ray._private.state
+
+from quovadis.jobs import preprocess as preprocess_job
+from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, preprocess
+from quovadis.pipeline.decode import DecodeConfig
+from quovadis.pipeline.flow import FlowConfig
+from tests.jobs.test_preprocess import _read_all
+from tests.videos import make_video
+
+
+@pytest.mark.parametrize(
+    ("cpus", "actors", "share"),
+    [(1, 1, 0.0), (2, 2, 0.5), (4, 4, 0.75), (16, 15, 1.0), (20, 18, 1.0), (64, 58, 1.0)],
+)
+def test_cpu_flow_actors_per_cpu_count(cpus, actors, share):
+    assert cpu_flow_actors(cpus) == (actors, pytest.approx(share))
+
+
+@pytest.mark.parametrize("cpus", range(1, 129))
+def test_cpu_flow_actors_always_leave_a_cpu_for_decode(cpus):
+    actors, share = cpu_flow_actors(cpus)
+    assert actors * share <= cpus - 1 + 1e-9
+    assert actors >= (2 if cpus >= 2 else 1)
+
+
+def _flow_actor_ids() -> set[str]:
+    """Every flow actor the cluster has seen, alive or dead, from the GCS: ray.util.state's
+    list_actors needs the dashboard, which the embedded Ray (jobs/runtime.py) leaves out."""
+    return {i for i, a in ray._private.state.actors().items() if a["ActorClassName"] == "_FlowActor"}
+
+
+def test_flow_spreads_over_actors_and_equals_one_actor(ray_session, tmp_path, monkeypatch):
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert cpus >= 2  # the session Ray of tests/conftest.py
+    videos = [
+        str(make_video(tmp_path / "a.mp4", fps=25, duration=1.6)),  # 40 frames: two chunks of 32 and 8
+        str(make_video(tmp_path / "b.mkv", fps=30, duration=1.0)),
+    ]
+    cfg = dict(streams=("rgb", "flow"), decode=DecodeConfig(short_side=64, chunk_frames=16),
+               flow=FlowConfig(device="cpu"))  # fmt: skip
+    before = _flow_actor_ids()
+    many = preprocess(videos, PreprocessConfig(out=str(tmp_path / "many"), **cfg))
+    started = _flow_actor_ids() - before
+    assert len(started) == cpu_flow_actors(cpus)[0] > 1
+
+    monkeypatch.setattr(preprocess_job, "cpu_flow_actors", lambda cpus: (1, 0.5))  # the old single actor
+    one = preprocess(videos, PreprocessConfig(out=str(tmp_path / "one"), **cfg))
+    assert sorted(many.ok) == sorted(one.ok) == sorted(videos)
+    got, want = _read_all(tmp_path / "many"), _read_all(tmp_path / "one")
+    for v in videos:
+        np.testing.assert_array_equal(got[v]["rgb"], want[v]["rgb"])
+        np.testing.assert_array_equal(got[v]["flow"], want[v]["flow"])
