@@ -237,9 +237,9 @@ def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
     with out_dir_lock(out):
         sha256 = {s: sha256_of(p) for s, p in weights.items()}
         features.remove_leftovers(out)
+        features.record_unlisted(out)
         recorded = features.load_index(out)
         _check_settings(out, _settings(cfg, sha256), has_results=bool(recorded))
-        features.record_unlisted(out)
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
         todo = [p for p in videos if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
