@@ -36,7 +36,7 @@ def run_bench(args: argparse.Namespace) -> int:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cfg = DecodeConfig(short_side=args.short_side)
     rows = []
-    for path in expand_inputs(args.inputs):
+    for path in expand_inputs(args.inputs).paths:
         info = probe(path)
         height, width = output_size(info, cfg)
         ceiling_s, ceiling_frames = min(_ffmpeg_ceiling(path, cfg, height, width) for _ in range(args.repeat))

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    videos = expand_inputs(args.inputs)
+    videos = expand_inputs(args.inputs).paths
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         parser = argparse.ArgumentParser()
         extract_job.add_arguments(parser)

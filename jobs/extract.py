@@ -194,7 +194,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run(args: argparse.Namespace) -> JobReport:
     cfg = config_from_args(args)
-    report = extract(expand_inputs(args.inputs, keep_dir=is_shard_dir), cfg)
+    inputs = expand_inputs(args.inputs, keep_dir=is_shard_dir)
+    report = extract(inputs.paths, cfg, ignored=inputs.ignored)
     log.info("%s", report.summary())
     return report
 
@@ -226,14 +227,15 @@ def read_class_names(path: str) -> list[str]:
 # -- the job ------------------------------------------------------------------------------------------
 
 
-def extract(inputs: list[str], cfg: ExtractConfig) -> JobReport:
+def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, str]] | None = None) -> JobReport:
     """Extract features of `inputs` (video paths, or shard directories) into cfg.out; returns the
-    report (also written as report.json). Raises WeightsError before any work when weights are missing."""
+    report (also written as report.json). Raises WeightsError before any work when weights are missing.
+    `ignored`: what the directory scan passed over (jobs.inputs), for the report."""
     out = Path(cfg.out)
     weights = {s: resolve_weights(s, getattr(cfg.predictor, f"weights_{s}")) for s in cfg.streams}
     pcfg = dataclasses.replace(cfg.predictor, **{f"weights_{s}": str(p) for s, p in weights.items()})
     labels = read_class_names(cfg.class_names) if cfg.class_names else None
-    report = JobReport("extract", config=cfg.to_dict())
+    report = JobReport("extract", config=cfg.to_dict(), ignored=list(ignored or []))
     with out_dir_lock(out):
         sha256 = {s: sha256_of(p) for s, p in weights.items()}
         features.remove_leftovers(out)
@@ -436,6 +438,7 @@ class _VideoJob:
     done: int = 0
     error: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # of its decode, recorded in its shard
     planned: bool = False  # its clips are queued (until then it has none and is not finished)
 
     @property
@@ -546,7 +549,7 @@ class _FeatureStage:
         self._check_shard(shard)
 
     def _plan(self, video: _VideoJob, stored) -> None:
-        video.frames, video.fps = stored.frames, stored.fps
+        video.frames, video.fps, video.warnings = stored.frames, stored.fps, stored.warnings
         zero_flow = "flow" in self.cfg.streams and stored.frames < 2
         if "flow" in self.cfg.streams and not zero_flow and "flow" not in stored.streams:
             raise QuovadisError(f"{stored.shard_path} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
@@ -699,6 +702,8 @@ class _FeatureStage:
             self.report.ok.append(v.input)
             self.report.frames += v.frames
             self.report.clips += len(v.starts)
+            if v.warnings:
+                self.report.warnings[v.input] = v.warnings
             self.progress.update(1)
             if "logits" in r.logits:
                 self._log_top5(v, r.logits["logits"])
@@ -726,7 +731,7 @@ class _FeatureStage:
         logits = {n: v.outputs[n] for n in features.LOGIT_NAMES if n in v.outputs}
         attrs = {**self.attrs, **v.attrs, "streams": list(self.cfg.streams)}
         return features.VideoFeatures(v.key, v.input, v.fps, v.frames, self.cfg.clip_len,
-                                      np.asarray(v.starts, np.int64), feats, logits, attrs)  # fmt: skip
+                                      np.asarray(v.starts, np.int64), feats, logits, attrs, v.warnings)  # fmt: skip
 
     def _log_top5(self, v: _VideoJob, logits: np.ndarray) -> None:
         scores = logits.mean(0)

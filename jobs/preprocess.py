@@ -110,18 +110,23 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 def run(args: argparse.Namespace) -> JobReport:
     cfg = config_from_args(args)
-    report = preprocess(expand_inputs(args.inputs), cfg)
+    inputs = expand_inputs(args.inputs)
+    report = preprocess(inputs.paths, cfg, ignored=inputs.ignored)
     log.info("%s", report.summary())
     return report
 
 
-def preprocess(inputs: list[str], cfg: PreprocessConfig, before_video: Callable[[], None] | None = None) -> JobReport:
+def preprocess(
+    inputs: list[str], cfg: PreprocessConfig, before_video: Callable[[], None] | None = None,
+    *, ignored: list[dict[str, str]] | None = None,
+) -> JobReport:
     """Preprocess `inputs` into cfg.out; returns the report (also written as report.json).
 
     `before_video` is called before each video is started: extract blocks there while enough
-    finished shards wait for I3D (backpressure across the two stages)."""
+    finished shards wait for I3D (backpressure across the two stages). `ignored`: what the
+    directory scan passed over (jobs.inputs), for the report."""
     out = Path(cfg.out)
-    report = JobReport("preprocess", config=cfg.to_dict())
+    report = JobReport("preprocess", config=cfg.to_dict(), ignored=list(ignored or []))
     with out_dir_lock(out):
         record_unlisted_shards(out)
         recorded = manifest.load(out)
@@ -164,6 +169,7 @@ def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry]
     video whose shard could not be finalised (e.g. a full disk) is reported failed."""
     report.ok = [p for p in todo if (e := recorded.get(p)) is not None and e.status == "ok"]
     report.frames = sum(recorded[p].frames or 0 for p in report.ok)
+    report.warnings = {p: recorded[p].warnings for p in report.ok if recorded[p].warnings}
     for path in todo:
         if path not in report.ok and path not in report.failed:
             report.failed[path] = f"{path}: not stored, its shard could not be finished: {writer_error or 'unknown'}"
@@ -176,6 +182,7 @@ class _Video:
     key: str | None = None
     segments: list[Segment] = field(default_factory=list)
     frames: dict[int, int] = field(default_factory=dict)  # segment index -> frames decoded
+    warnings: dict[int, list[str]] = field(default_factory=dict)  # segment index -> ffmpeg's errors kept
     error: str | None = None
 
 
@@ -228,7 +235,9 @@ class _Scheduler:
                 if kind == "probe":
                     segments.extend(self._begin(video, result))
                 else:
-                    video.frames[seg.index] = result
+                    video.frames[seg.index], video.warnings[seg.index] = result
+                    for warning in video.warnings[seg.index]:  # the worker's own log never reaches the driver
+                        log.warning("%s: %s", video.path, warning)
                     if len(video.frames) == len(video.segments) and video.error is None:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
@@ -276,7 +285,8 @@ class _Scheduler:
                 self._fail(video, f"{video.path}: stream ended at frame {seg.start + count}, before its container's duration")
                 return
         frames = video.segments[-1].start + counts[-1]
-        ray.get(self.writer.end_video.remote(video.key, frames))
+        warnings = [w for s in video.segments for w in video.warnings[s.index]]
+        ray.get(self.writer.end_video.remote(video.key, frames, warnings))
         self.frames_done += frames
         self._video_done()
 
@@ -313,8 +323,8 @@ class _Writer:
     def write_flow(self, key: str, start: int, flow: np.ndarray) -> None:
         self.writer.write_flow(key, start, flow)
 
-    def end_video(self, key: str, frames: int) -> None:
-        self.writer.end_video(key, frames)
+    def end_video(self, key: str, frames: int, warnings: list[str]) -> None:
+        self.writer.end_video(key, frames, warnings)
 
     def abort_video(self, key: str) -> None:
         self.writer.abort_video(key)
@@ -346,8 +356,9 @@ def _probe(path: str):
 @ray.remote(num_cpus=1, max_retries=0)
 def _decode_segment(
     path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actors: list, first_actor: int
-) -> int:
-    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment.
+) -> tuple[int, list[str]]:
+    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment
+    and ffmpeg's errors of a decode that kept its frames (carried back: a worker's log is not shown).
 
     With flow, chunk i goes to flow_actors[(first_actor + i) % n] and up to n chunks are in flight,
     so one decode keeps every flow actor busy (decode is ~10x cheaper than flow) while memory stays
@@ -359,7 +370,8 @@ def _decode_segment(
     count = 0
     previous = None  # last frame of the previous chunk: the first frame of the next flow pair
     pending: deque[list] = deque()  # the writes of each chunk in flight, oldest first
-    for i, chunk in enumerate(iter_frames(path, cfg, info, start=seg.start, end=end)):
+    warnings: list[str] = []
+    for i, chunk in enumerate(iter_frames(path, cfg, info, start=seg.start, end=end, warnings=warnings)):
         own = chunk.frames if seg.end is None else chunk.frames[: seg.end - chunk.start]
         while len(pending) >= window:  # backpressure: at most `window` chunks in flight
             ray.get(pending.popleft())
@@ -376,4 +388,4 @@ def _decode_segment(
             previous = chunk.frames[-1]
         pending.append(writes)
     ray.get([ref for writes in pending for ref in writes])
-    return count
+    return count, warnings

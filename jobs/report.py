@@ -29,6 +29,8 @@ class JobReport:
     ok: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # done by an earlier run
     failed: dict[str, str] = field(default_factory=dict)  # input -> one-line reason
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # ok input -> ffmpeg errors its decode kept
+    ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: passed over by a directory scan
     frames: int = 0
     clips: int = 0
     seconds: float = 0.0
@@ -54,11 +56,14 @@ class JobReport:
 
     def summary(self) -> str:
         lines = [
-            f"{self.job}: {len(self.ok)} ok, {len(self.skipped)} already done, {len(self.failed)} failed; "
+            f"{self.job}: {len(self.ok)} ok ({len(self.warnings)} with decode warnings), {len(self.skipped)} already done, "
+            f"{len(self.failed)} failed, {len(self.ignored)} ignored in input directories; "
             f"{self.frames} frames, {self.clips} clips in {self.seconds:.1f} s "
             f"({self.frames_per_second:.1f} frames/s)"
         ]
         lines += [f"  failed: {path}: {reason}" for path, reason in sorted(self.failed.items())]
+        if self.warnings or self.ignored:
+            lines.append(f"  report.json lists the {len(self.warnings)} videos with warnings and the {len(self.ignored)} ignored paths")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

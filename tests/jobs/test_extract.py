@@ -21,13 +21,14 @@ import pytest
 import torch
 
 from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
+from quovadis.jobs.inputs import NOT_VIDEO
 from quovadis.jobs.runtime import out_dir_lock
 from quovadis.models.weights import load_i3d, sha256_of
 from quovadis.pipeline.dataset import ShardDataset
 from quovadis.pipeline.features import FeatureDataset, collate_features, load_index, read_video
 from quovadis.pipeline.shards import ShardReader, list_shards
 from tests.conftest import REPO, shared_path
-from tests.videos import make_random_bytes, make_video
+from tests.videos import make_damaged, make_random_bytes, make_video
 
 SMALL = ["--clip-len", "16", "--short-side", "64", "--crop-size", "56", "--batch-size", "4"]
 
@@ -451,3 +452,19 @@ def test_usage_errors_exit_2(tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "o"), *bad])
         assert e.value.code == 2
+
+
+def test_decode_warnings_and_ignored_files_reach_the_index_and_report(ray_session, tmp_path):
+    """A damaged video extract decodes whole is indexed ok with ffmpeg's message as a warning, and
+    a notes.txt in the input directory is listed in report.json as ignored."""
+    d = tmp_path / "in"
+    d.mkdir()
+    damaged = make_damaged(make_video(tmp_path / "v.avi", fps=25, duration=2.0, codec="mpeg4"), d / "damaged.avi")
+    (d / "notes.txt").write_text("not a video\n")
+    out = tmp_path / "out"
+    assert main(["extract", str(d), "--out", str(out), "--streams", "rgb", *SMALL, "--weights-rgb", _weights("rgb")]) == EXIT_OK
+    entry = load_index(out)[str(damaged)]
+    assert entry.status == "ok" and entry.frames == 50 and len(entry.warnings) == 1 and "Error at MB" in entry.warnings[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"] == {str(damaged): entry.warnings}
+    assert report["ignored"] == [{"path": str(d / "notes.txt"), "reason": NOT_VIDEO}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.inputs import NOT_VIDEO, expand_inputs
 from quovadis.jobs.cli import EXIT_CANNOT_RUN, EXIT_OK, EXIT_SOME_FAILED, main
 from quovadis.jobs.preprocess import PreprocessConfig, preprocess
 from quovadis.pipeline import manifest
@@ -23,7 +24,7 @@ from quovadis.pipeline.conventions import dequantize_flow
 from quovadis.pipeline.decode import DecodeConfig
 from quovadis.pipeline.flow import FlowConfig
 from tests.conftest import REPO, shared_path
-from tests.videos import make_audio_only, make_video, make_zero_frame_video
+from tests.videos import make_audio_only, make_damaged, make_video, make_zero_frame_video
 
 SMALL = DecodeConfig(short_side=64)
 
@@ -64,7 +65,7 @@ def small_videos(tmp_path_factory) -> list[Path]:
 def test_shared_real_videos_all_succeed(ray_session, tmp_path):
     videos = sorted(str(p) for p in shared_path("videos").iterdir())
     report = preprocess(videos, _cfg(tmp_path / "out"))
-    assert report.failed == {}
+    assert report.failed == {} and report.warnings == {}  # clean files: no ffmpeg error, whole or in segments
     assert sorted(report.ok) == videos
     data = _read_all(tmp_path / "out")
     assert set(data) == set(videos)
@@ -148,7 +149,7 @@ def test_keys_are_safe_and_distinct(ray_session, tmp_path, small_videos):
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(small_videos[0], tmp_path / name)
-    inputs = expand_inputs([str(tmp_path / name) for name in names])
+    inputs = expand_inputs([str(tmp_path / name) for name in names]).paths
     report = preprocess(inputs, _cfg(tmp_path / "out"))
     assert report.failed == {} and len(report.ok) == 5
     recorded = manifest.load(tmp_path / "out")
@@ -270,6 +271,47 @@ def test_full_disk_fails_the_videos_keeps_what_was_written(ray_session, tmp_path
     stored = _read_all(out)
     assert set(stored) == {str(first), *report.ok}
     np.testing.assert_array_equal(stored[str(first)]["rgb"], before)  # nothing written is lost
+
+
+def test_directory_scan_takes_mjpeg_and_reports_what_it_ignores(ray_session, tmp_path, caplog):
+    """A raw MJPEG file in an input directory is preprocessed; a notes.txt beside it is counted in
+    the summary and listed in report.json instead of vanishing."""
+    d = tmp_path / "in"
+    d.mkdir()
+    clip = make_video(d / "clip.mjpeg", fps=25, duration=0.8, size=(96, 64), codec="mjpeg", extra=["-f", "mjpeg"])
+    (d / "notes.txt").write_text("not a video\n")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="quovadis.jobs.preprocess"):
+        rc = main(["preprocess", str(d), "--out", str(out), "--streams", "rgb", "--short-side", "64"])
+    assert rc == EXIT_OK
+    entry = manifest.load(out)[str(clip)]
+    assert entry.status == "ok" and entry.frames == 20
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["ok"] == [str(clip)] and saved["ignored"] == [{"path": str(d / "notes.txt"), "reason": NOT_VIDEO}]
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("preprocess: "))
+    assert "1 ok (0 with decode warnings)" in summary and "1 ignored in input directories" in summary
+
+
+def test_decode_errors_are_recorded_as_warnings(ray_session, tmp_path, caplog):
+    """A damaged file that ffmpeg still decodes whole is stored ok, with ffmpeg's message in its
+    manifest entry and shard, counted in the summary, listed in report.json and logged by the
+    driver (the worker's own log never reaches it)."""
+    clean = make_video(tmp_path / "clean.avi", fps=25, duration=2.0, codec="mpeg4")
+    damaged = make_damaged(clean, tmp_path / "damaged.avi")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="quovadis.jobs.preprocess"):
+        report = preprocess([str(clean), str(damaged)], _cfg(out))
+    assert report.failed == {} and sorted(report.ok) == [str(clean), str(damaged)]
+    entries = manifest.load(out)
+    assert entries[str(clean)].warnings == [] and entries[str(damaged)].frames == 50
+    (warning,) = entries[str(damaged)].warnings
+    assert "Error at MB" in warning
+    with h5py.File(out / entries[str(damaged)].file, "r") as f:
+        assert json.loads(f[entries[str(damaged)].key].attrs["warnings"]) == [warning]
+    assert report.warnings == {str(damaged): [warning]} and "2 ok (1 with decode warnings)" in report.summary()
+    assert json.loads((out / "report.json").read_text())["warnings"] == {str(damaged): [warning]}
+    driver = [r.getMessage() for r in caplog.records if r.name == "quovadis.jobs.preprocess"]
+    assert f"{damaged}: {warning}" in driver
 
 
 def test_fifo_input_fails_at_once_beside_a_good_video(ray_session, tmp_path, small_videos):
