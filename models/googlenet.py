@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from quovadis.models.i3d import BN_EPS, FEATURE_DIM, MIXED_WIDTHS
 from quovadis.models.padding import MaxPoolSame, pad_same, use_same_padding
-from quovadis.models.weights import check_state_dict, read_state_dict
-from quovadis.pipeline.errors import WeightsError
+from quovadis.models.weights import read_2d_classifier
 
 # 2D module -> I3D module; inception branches map branch1 -> b0, branch2.{0,1} -> b1{a,b},
 # branch3.{0,1} -> b2{a,b}, branch4.1 -> b3b (branch4.0 / b3a is the max-pool).
@@ -137,14 +136,7 @@ class GoogLeNetBN(nn.Module):
 def read_googlenet(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A torchvision-layout GoogLeNet state dict from `path`, float32, auxiliary classifiers dropped,
     checked strictly against `GoogLeNetBN` (class count from `fc.weight`)."""
-    state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith(AUX_PREFIXES)}
-    fc = state_dict.get("fc.weight")
-    if fc is None or fc.ndim != 2:
-        raise WeightsError(f"{path} has no 2D `fc.weight`; it is not a torchvision-layout GoogLeNet")
-    with torch.device("meta"):
-        model = GoogLeNetBN(num_classes=fc.shape[0])
-    check_state_dict(model, state_dict, str(path))
-    return state_dict
+    return read_2d_classifier(path, lambda n: GoogLeNetBN(num_classes=n), "torchvision-layout GoogLeNet", AUX_PREFIXES)
 
 
 def adapt_input_channels(state_dict: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:

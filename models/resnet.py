@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quovadis.models.weights import check_state_dict, read_state_dict
-from quovadis.pipeline.errors import WeightsError
+from quovadis.models.weights import read_2d_classifier
 
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (width, blocks, stride) of layer1..4
 EXPANSION = 4
@@ -90,11 +89,4 @@ class ResNet50(nn.Module):
 def read_resnet50(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A ResNet-50 state dict in the layout above from `path`, float32, checked strictly against
     `ResNet50` (class count from `fc.weight`)."""
-    state_dict = read_state_dict(path)
-    fc = state_dict.get("fc.weight")
-    if fc is None or fc.ndim != 2:
-        raise WeightsError(f"{path} has no 2D `fc.weight`; it is not an ImageNet-layout ResNet-50")
-    with torch.device("meta"):
-        model = ResNet50(num_classes=fc.shape[0])
-    check_state_dict(model, state_dict, str(path))
-    return state_dict
+    return read_2d_classifier(path, lambda n: ResNet50(num_classes=n), "ImageNet-layout ResNet-50")

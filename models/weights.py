@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,21 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
             if keys:
                 parts.append(f"{len(keys)} {label}: {', '.join(keys)}")
         raise WeightsError("\n  ".join(parts))
+
+
+def read_2d_classifier(
+    path: str | os.PathLike, build: Callable[[int], nn.Module], layout: str, drop_prefixes: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """An ImageNet 2D classifier's state dict from `path`, float32, keys starting with `drop_prefixes`
+    dropped, checked strictly against `build(num_classes)` (the class count read from `fc.weight`)."""
+    state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith(drop_prefixes)}
+    fc = state_dict.get("fc.weight")
+    if fc is None or fc.ndim != 2:
+        raise WeightsError(f"{path} has no 2D `fc.weight`; it is not a {layout}")
+    with torch.device("meta"):
+        model = build(fc.shape[0])
+    check_state_dict(model, state_dict, str(path))
+    return state_dict
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> nn.Module:

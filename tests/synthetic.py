@@ -97,40 +97,34 @@ _MEMO: dict[str, object] = {}
 def motion_shards(root: Path) -> tuple[Path, Path]:
     """(labels.csv, shard dir) of the motion dataset preprocessed with our pipeline (rgb + flow),
     made once per test session under `root`."""
-    if "shards" not in _MEMO:
-        from quovadis.jobs.preprocess import PreprocessConfig, preprocess
-        from quovadis.pipeline.decode import DecodeConfig
-        from quovadis.pipeline.flow import FlowConfig
-
-        labels = make_motion_dataset(root / "motion")
-        videos = sorted(str(p) for p in (root / "motion" / "videos").glob("*.mp4"))
-        shards = root / "motion_shards"
-        report = preprocess(videos, PreprocessConfig(
-            out=str(shards), streams=("rgb", "flow"), decode=DecodeConfig(short_side=0), flow=FlowConfig(**FAST_FLOW),
-        ))  # fmt: skip
-        assert not report.failed and len(report.ok) == len(videos), report.summary()
-        _MEMO["shards"] = (labels, shards)
-    return _MEMO["shards"]  # type: ignore[return-value]
+    return _preprocessed_dataset(root, "motion")
 
 
 def left_right_shards(root: Path) -> tuple[Path, Path]:
     """(labels.csv, shard dir) of a tiny two-class task (left vs right, 6 train and 4 val videos per
     class), made once per test session under `root`."""
-    if "left_right" not in _MEMO:
+    return _preprocessed_dataset(root, "left_right", train_per_class=6, val_per_class=4, seed=1,
+                                 classes=("left", "right"))  # fmt: skip
+
+
+def _preprocessed_dataset(root: Path, name: str, **dataset_kwargs) -> tuple[Path, Path]:
+    """(labels.csv, shard dir) of make_motion_dataset(root / name, **dataset_kwargs) preprocessed
+    (rgb + flow, native size), made once per test session."""
+    key = f"shards:{name}"
+    if key not in _MEMO:
         from quovadis.jobs.preprocess import PreprocessConfig, preprocess
         from quovadis.pipeline.decode import DecodeConfig
         from quovadis.pipeline.flow import FlowConfig
 
-        labels = make_motion_dataset(root / "left_right", train_per_class=6, val_per_class=4, seed=1,
-                                     classes=("left", "right"))  # fmt: skip
-        videos = sorted(str(p) for p in (root / "left_right" / "videos").glob("*.mp4"))
-        shards = root / "left_right_shards"
+        labels = make_motion_dataset(root / name, **dataset_kwargs)
+        videos = sorted(str(p) for p in (root / name / "videos").glob("*.mp4"))
+        shards = root / f"{name}_shards"
         report = preprocess(videos, PreprocessConfig(
             out=str(shards), streams=("rgb", "flow"), decode=DecodeConfig(short_side=0), flow=FlowConfig(**FAST_FLOW),
         ))  # fmt: skip
         assert not report.failed and len(report.ok) == len(videos), report.summary()
-        _MEMO["left_right"] = (labels, shards)
-    return _MEMO["left_right"]  # type: ignore[return-value]
+        _MEMO[key] = (labels, shards)
+    return _MEMO[key]  # type: ignore[return-value]
 
 
 def trained_run(root: Path, name: str, **overrides) -> Path:

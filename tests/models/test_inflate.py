@@ -11,23 +11,9 @@ from quovadis.models.i3d import InceptionI3d
 from quovadis.models.inflate import TimeSpec, i3d_from_googlenet, inflate, inflate_conv, inflate_module
 from quovadis.models.weights import load_weights
 from quovadis.pipeline.errors import WeightsError
+from tests.models.random_init import randomize
 
 TOL = dict(rtol=1e-4, atol=1e-5)
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Random BatchNorm statistics and affine parameters, and a classifier bias, so that every
-    parameter matters (default BN is the identity up to eps)."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-        if isinstance(m, nn.Linear):
-            m.bias.data.uniform_(-1, 1)
-    return model
 
 
 def _boring(image: torch.Tensor, frames: int) -> torch.Tensor:
@@ -55,7 +41,7 @@ def test_inflate_conv_boring_video_identity(mode):
 
 
 def _small_cnn() -> nn.Sequential:
-    return _randomize(
+    return randomize(
         nn.Sequential(
             nn.Conv2d(3, 8, 3, padding=1),
             nn.BatchNorm2d(8),
@@ -109,7 +95,7 @@ def test_inflate_module_rejects_what_it_cannot_map():
 
 @pytest.fixture(scope="module")
 def googlenet() -> GoogLeNetBN:
-    return _randomize(GoogLeNetBN(num_classes=10)).eval()
+    return randomize(GoogLeNetBN(num_classes=10)).eval()
 
 
 def test_i3d_from_googlenet_center_is_the_2d_network_on_boring_videos(googlenet):

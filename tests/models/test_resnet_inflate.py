@@ -10,27 +10,14 @@ from torch import nn
 from quovadis.models.inflate import i3d_resnet50, inflate_state_dict
 from quovadis.models.resnet import ResNet50, read_resnet50
 from quovadis.pipeline.errors import WeightsError
+from tests.models.random_init import randomize
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def _randomize(model: nn.Module) -> nn.Module:
-    """Random BN statistics and affine parameters and a classifier bias, so every parameter matters."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-        if isinstance(m, nn.Linear):
-            m.bias.data.uniform_(-1, 1)
-    return model
-
-
 @pytest.fixture(scope="module")
 def resnet() -> ResNet50:
-    return _randomize(ResNet50(num_classes=10)).eval()
+    return randomize(ResNet50(num_classes=10)).eval()
 
 
 def _per_time(model3d: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
