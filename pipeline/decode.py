@@ -298,7 +298,7 @@ def _read_frames(stream, out: np.ndarray, native: np.ndarray | None, timeout: fl
         got = _read_into(stream, memoryview(native).cast("B"), timeout)
         if got < native.nbytes:
             return i, got > 0
-        out[i] = cv2.resize(native, size, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(native, size, dst=out[i], interpolation=cv2.INTER_LINEAR)  # in place: no copy per frame
     return len(out), False
 
 
