@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from quovadis.jobs import extract as extract_job
+from quovadis.jobs import extract as extract_job, options
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
 from quovadis.pipeline import conventions
@@ -62,7 +62,7 @@ def run_bench(args: argparse.Namespace) -> int:
     videos = expand_inputs(args.inputs).paths
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         parser = argparse.ArgumentParser()
-        extract_job.add_arguments(parser)
+        options.extract(parser)
         job_args = parser.parse_args([
             *videos, "--out", tmp, "--streams", args.streams, "--clip-len", str(args.clip_len),
             "--short-side", str(args.short_side), "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size),

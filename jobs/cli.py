@@ -13,6 +13,7 @@ import logging
 import sys
 
 from quovadis import __version__
+from quovadis.jobs import options
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
@@ -39,7 +40,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            _module(name).add_arguments(p)
+            (getattr(options, name, None) or _module(name).add_arguments)(p)
     return parser
 
 

@@ -123,51 +123,6 @@ class ExtractConfig:
         return dataclasses.asdict(self)
 
 
-class RenamedOption(argparse.Action):
-    """An option that now has another name: using it is a usage error (exit 2) naming the new one,
-    so an old command line fails loudly instead of meaning something else."""
-
-    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
-        self.new = new
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:  # fmt: skip
-        parser.error(f"{option_string} is now {self.new} (train and evaluate's --labels is labels.csv)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="video files, directories (recursive), @list.txt, or shard directories written by preprocess")  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory: features, index.jsonl, report.json, shards/")
-    p.add_argument("--streams", default="rgb,flow", help="rgb, flow or rgb,flow (default rgb,flow); without flow, no flow is computed or loaded")
-    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN, help="frames per clip (default 64)")
-    p.add_argument("--stride", type=int, default=None, help="frames between clip starts, any value (default: --clip-len)")
-    p.add_argument("--fps", type=float, default=conventions.FPS, help="frame rate clips are cut at (default 25)")
-    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE, help="resize the shorter side to this before cropping (default 256)")
-    p.add_argument("--crop", choices=CROPS, default="center", help="center crop of --crop-size, or the full frame spatially pooled")
-    p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE, help="side of the center crop (default 224)")
-    p.add_argument("--weights-rgb", default=None, help="rgb I3D weights file (pytorch-i3d layout, e.g. rgb_imagenet.pt)")
-    p.add_argument("--weights-flow", default=None, help="flow I3D weights file (e.g. flow_imagenet.pt)")
-    p.add_argument("--weights-dir", default=None, help="directory holding rgb_imagenet.pt / flow_imagenet.pt")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast precision of I3D (default fp32)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per I3D call, across videos (default 8)")
-    p.add_argument("--format", choices=features.FORMATS, default="hdf5", help="hdf5 (default) or npy (video_features style)")
-    p.add_argument("--feature-dtype", choices=features.FEATURE_DTYPES, default="float32", help="stored feature dtype")
-    p.add_argument("--logits", action="store_true", help="also store per-clip class scores (logits)")
-    p.add_argument("--class-names", default=None, help="class names, one per line (e.g. label_map.txt); logs each video's top-5")
-    p.add_argument("--labels", action=RenamedOption, new="--class-names")
-    p.add_argument("--shard-size", default="256M", help="size of the intermediate shards (default 256M)")
-    p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are decoded in segments of this length by different workers")
-    p.add_argument("--decode-timeout", type=float, default=DecodeConfig().timeout_s, metavar="SECONDS",
-                   help="kill a decode whose ffmpeg writes nothing for this many seconds and fail its video; 0 = never (default 300)")
-    p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
-    p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0")
-    p.add_argument("--keep-shards", action="store_true", help="keep the intermediate shards in OUT/shards")
-    p.add_argument("--retry-failed", action="store_true", help="retry inputs a previous run recorded as failed")
-    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
-
-
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     streams = tuple(s.strip() for s in args.streams.split(",") if s.strip())
     if args.segment_seconds <= 0:

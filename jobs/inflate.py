@@ -17,24 +17,12 @@ from pathlib import Path
 
 from quovadis.jobs.report import JobReport
 from quovadis.models.googlenet import read_googlenet
-from quovadis.models.inflate import INFLATE_MODES, i3d_from_googlenet, i3d_resnet50
+from quovadis.models.inflate import i3d_from_googlenet, i3d_resnet50
 from quovadis.models.resnet import read_resnet50
 from quovadis.models.weights import save_atomic, sha256_of
 from quovadis.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", type=Path, help="2D GoogLeNet-BN or ResNet-50 state dict (torchvision layout, .pt/.pth)")
-    p.add_argument("--net", choices=("googlenet", "resnet50"), default="googlenet",
-                   help="googlenet -> I3D (pytorch-i3d layout); resnet50 -> I3D-ResNet-50")
-    p.add_argument("--out", type=Path, required=True, help="where to write the I3D state dict")
-    p.add_argument("--mode", "--inflate-init", dest="mode", choices=INFLATE_MODES, default="mean",
-                   help="mean: filter repeated over time and divided by t (the paper); center: all in the middle slice")
-    p.add_argument("--in-channels", type=int, default=3,
-                   help="3 for RGB; 2 for flow (first layer averaged over RGB, TSN-style); googlenet only")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def run(args: argparse.Namespace) -> JobReport:

@@ -39,7 +39,7 @@ from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
 from quovadis.pipeline import manifest
 from quovadis.pipeline.manifest import LedgerEntry
-from quovadis.pipeline.shards import COMPRESSIONS, ShardConfig, ShardWriter, record_unlisted_shards
+from quovadis.pipeline.shards import ShardConfig, ShardWriter, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +65,6 @@ class PreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, directories (recursive) or @list.txt")
-    p.add_argument("--out", required=True, help="output directory for shards, manifest.jsonl and report.json")
-    p.add_argument("--streams", default="rgb,flow", help="rgb or rgb,flow (default rgb,flow)")
-    p.add_argument("--fps", type=float, default=conventions.FPS, help="output frame rate (default 25)")
-    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE, help="resize shorter side to this; 0 keeps the size")
-    p.add_argument("--shard-size", default="1G", help="target shard file size, e.g. 512M, 2G (default 1G)")
-    p.add_argument("--compression", choices=COMPRESSIONS, default=ShardConfig().compression,
-                   help="shard compression (default none: fastest to write and read; lzf saves ~1/3 of the disk)")
-    p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are split into segments of this length, decoded by different workers")
-    p.add_argument("--decode-timeout", type=float, default=DecodeConfig().timeout_s, metavar="SECONDS",
-                   help="kill a decode whose ffmpeg writes nothing for this many seconds and fail its video; 0 = never (default 300)")
-    p.add_argument("--flow-backend", choices=("torch", "opencv"), default="torch", help="TV-L1 implementation (default torch)")
-    p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0 (default: a GPU when present)")
-    p.add_argument("--flow-dtype", choices=("uint8", "float16"), default="uint8", help="store flow quantised (default) or as float16 pixels")
-    p.add_argument("--retry-failed", action="store_true", help="retry inputs a previous run recorded as failed")
-    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
 
 
 def parse_size(text: str) -> int:

@@ -25,15 +25,6 @@ _HEADER = 40  # pixels of the header row
 _BACKGROUND = 32  # grey level around the panels
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("shard_dir", metavar="SHARD_DIR", help="output directory of `quovadis preprocess`")
-    p.add_argument("video", metavar="VIDEO", help="the input path as in manifest.jsonl, or the video key")
-    p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
-    p.add_argument("--frames", type=int, default=6, help="rows: frames spread over the video (default 6)")
-    p.add_argument("--max-flow", type=float, default=None,
-                   help="flow length in pixels drawn fully saturated (default: the longest vector shown)")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")

@@ -14,8 +14,12 @@ t->t+1 ... t+L-1->t+L; a video of T frames has T-1 fields and the missing last o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the CLI and decode workers start without it
+    import torch
 
 CONVENTIONS_VERSION = 1
 
@@ -30,21 +34,22 @@ _UINT8_HALF = 127.5  # maps uint8 0..255 onto [-1, 1]
 
 def rgb_to_model(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (..., T, H, W, 3) -> float32 (..., 3, T, H, W) in [-1, 1]."""
+    import torch
+
     x = torch.as_tensor(frames)
     return _channels_first(x.to(torch.float32) / _UINT8_HALF - 1.0)
 
 
 def quantize_flow(flow: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Flow in pixels (any layout) -> uint8 with the same layout."""
-    f = torch.as_tensor(flow, dtype=torch.float32).clamp(-FLOW_BOUND, FLOW_BOUND)
-    q = torch.round((f + FLOW_BOUND) * (255.0 / (2 * FLOW_BOUND)))
-    return q.to(torch.uint8).numpy()
+    """Flow in pixels (any layout) -> uint8 with the same layout (rounding half to even)."""
+    f = np.clip(np.asarray(flow, dtype=np.float32), -FLOW_BOUND, FLOW_BOUND)
+    return np.round((f + np.float32(FLOW_BOUND)) * np.float32(255.0 / (2 * FLOW_BOUND))).astype(np.uint8)
 
 
 def dequantize_flow(q: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 flow -> float32 pixels in [-FLOW_BOUND, FLOW_BOUND], same layout."""
-    x = torch.as_tensor(q).to(torch.float32)
-    return (x * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND).numpy()
+    x = np.asarray(q).astype(np.float32)
+    return x * np.float32(2 * FLOW_BOUND / 255.0) - np.float32(FLOW_BOUND)
 
 
 def flow_to_model(flow: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,8 @@ def flow_to_model(flow: np.ndarray | torch.Tensor) -> torch.Tensor:
     uint8 input is read as quantised (q / 127.5 - 1); float input as pixels (clip(f, -B, B) / B).
     Both give the same value for the same flow, up to quantisation.
     """
+    import torch
+
     x = torch.as_tensor(flow)
     if x.dtype == torch.uint8:
         y = x.to(torch.float32) / _UINT8_HALF - 1.0

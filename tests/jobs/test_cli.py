@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from quovadis import __version__
+from quovadis.jobs import options
+from quovadis.jobs.cli import COMMANDS
 from tests.conftest import shared_path
 from tests.videos import make_video
 
@@ -38,16 +40,34 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"quovadis {__version__}"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["show", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], *([name, "--help"] for name in COMMANDS if name not in ("train", "evaluate", "bench"))])
 def test_help_imports_no_heavy_module(args):
-    """--help and --version need none of torch, Ray, OpenCV, h5py (they take seconds to import):
-    the parser imports only the chosen subcommand's job module, which imports them where it runs."""
+    """--help of the CLI and of every subcommand needs none of torch, Ray, OpenCV, h5py (together
+    seconds to import): the arguments live in jobs/options.py, a job's module is imported to run."""
     result = subprocess.run([sys.executable, "-c", IMPORTS_AFTER_CLI, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     usage, modules = result.stdout.strip().rsplit("\n", 1)
     assert usage.startswith(("usage: quovadis", "quovadis "))
     imported = {m.split(".")[0] for m in json.loads(modules)}
     assert not imported & set(HEAVY), f"{' '.join(args)} imports {sorted(imported & set(HEAVY))}"
+
+
+def test_options_choices_and_defaults_are_the_engines():
+    """jobs/options.py writes the engine's names and defaults as literals (to stay light); they
+    must not drift from the engine's own."""
+    from quovadis.jobs import extract
+    from quovadis.models import fast, inflate
+    from quovadis.pipeline import decode, features, flow, shards
+
+    assert options.FLOW_BACKENDS == flow.BACKENDS
+    assert options.PRECISIONS == tuple(fast.PRECISIONS)
+    assert options.FEATURE_FORMATS == features.FORMATS
+    assert options.FEATURE_DTYPES == features.FEATURE_DTYPES
+    assert options.CROPS == extract.CROPS
+    assert options.INFLATE_MODES == inflate.INFLATE_MODES
+    assert options.COMPRESSIONS == shards.COMPRESSIONS
+    assert options.COMPRESSIONS[0] == shards.ShardConfig().compression
+    assert options.DECODE_TIMEOUT_S == decode.DecodeConfig().timeout_s
 
 
 def test_extract_from_a_directory_with_its_own_models_package(tmp_path):

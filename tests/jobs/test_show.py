@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from quovadis.jobs import show
+from quovadis.jobs import options, show
 from quovadis.pipeline.errors import QuovadisError, ShardError
 from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray
 from quovadis.pipeline.flowviz import flow_to_color
@@ -56,7 +56,7 @@ def shard_dir(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
 
 def run_show(*argv: str) -> int:
     parser = argparse.ArgumentParser()
-    show.add_arguments(parser)
+    options.show(parser)
     return show.run(parser.parse_args(list(argv)))
 
 
