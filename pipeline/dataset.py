@@ -2,13 +2,20 @@
 
 Each item is one clip of `clip_len` frames of one video:
     rgb   float32 (3, T, h, w) in [-1, 1]   (conventions.rgb_to_model)
-    flow  float32 (2, T, h, w) in [-1, 1]   (conventions.flow_to_model), (x, y) channels
+    flow  float32 (2, T * F, h, w) in [-1, 1]   (conventions.flow_to_model), (x, y) channels
     video str (the input path), key str, start int (first frame), frames int (of the video),
     crop_box int64 tensor (top, left, height, width), flipped bool.
-Clips start at `conventions.clip_starts(T, clip_len, stride)`; a clip running past the end loops
+Clips start at `conventions.clip_starts(T, span, stride)`; a clip running past the end loops
 its frames (`conventions.clip_frame_indices`), so every video yields >= 1 clip; flow fields follow
 `conventions.clip_flow_indices`. One crop box and one flip decision serve rgb and flow of a clip;
 flipping flow horizontally also negates its x channel, as a mirrored motion moves the other way.
+
+Sampling (the paper's architectures see different frames of the same shards, drawn by this one
+loader): the T = `clip_len` RGB frames are `frame_step` apart (5 for the ConvNet+LSTM's 5 fps, 10
+for 3D-Fused), and each RGB frame brings the F = `flow_per_frame` flow fields leaving it and the
+frames after it (1 for I3D, a snippet of 10 for the 2D two-stream nets): flow time index i*F + j is
+field j of RGB frame i. A clip spans `span` = (T-1) * frame_step + F frames from its start, looped
+and paired with fields as above, so step 1 and F 1 give exactly the plain clip of T frames.
 
 Crops: "center" / "random" take `crop_size` x `crop_size`; a video smaller than that in either
 side is refused in __init__ (ConfigError naming it): padding would feed the model borders it
@@ -44,7 +51,7 @@ from quovadis.pipeline.shards import read_frames
 log = logging.getLogger(__name__)
 
 CROPS = ("center", "random", "full")
-TEMPORAL = ("grid", "random")
+TEMPORAL = ("grid", "random", "spread")
 _READ_CACHE_BYTES = 4 << 20
 _MAX_OPEN_FILES = 64  # per worker; the oldest handle is closed beyond this
 
@@ -65,13 +72,24 @@ class ShardDataset(torch.utils.data.Dataset):
         temporal: str = "grid",
         videos: Sequence[str] | None = None,
         seed: int | None = None,
+        frame_step: int = 1,
+        flow_per_frame: int = 1,
+        clips: int = 1,
     ):
-        """`stride` defaults to `clip_len`; `temporal="random"` gives one clip per video at a random
-        start instead of the grid of `clip_starts`; `videos` restricts to these inputs (input paths
-        as in the manifest, or keys; ConfigError for any not stored)."""
+        """`stride` defaults to the clip's span; `temporal="random"` gives one clip per video at a
+        random start instead of the grid of `clip_starts`, `temporal="spread"` `clips` clips per
+        video with starts evenly spread from the first frame to the last start that keeps the
+        clip inside the video (fewer on a video with fewer distinct starts; the paper's 25 test
+        snapshots); `videos` restricts to these inputs (input paths as in the manifest, or keys;
+        ConfigError for any not stored)."""
         self.shard_dir = Path(shard_dir)
         self.clip_len = int(clip_len)
-        self.stride = int(stride) if stride is not None else self.clip_len
+        self.frame_step, self.flow_per_frame, self.clips = int(frame_step), int(flow_per_frame), int(clips)
+        if min(self.frame_step, self.flow_per_frame, self.clips) < 1:
+            raise ConfigError(f"frame_step, flow_per_frame and clips must be >= 1, got {frame_step}, "
+                              f"{flow_per_frame} and {clips}")  # fmt: skip
+        self.span = (self.clip_len - 1) * self.frame_step + self.flow_per_frame
+        self.stride = int(stride) if stride is not None else self.span
         self.streams = tuple(streams)
         self.crop, self.crop_size, self.flip, self.temporal, self.seed = crop, int(crop_size), flip, temporal, seed
         self.epoch = 0
@@ -111,8 +129,10 @@ class ShardDataset(torch.utils.data.Dataset):
             self.items = [
                 (v, s)
                 for v, e in enumerate(self.entries)
-                for s in conventions.clip_starts(e.frames, self.clip_len, self.stride)
+                for s in conventions.clip_starts(e.frames, self.span, self.stride)
             ]
+        elif temporal == "spread":
+            self.items = [(v, s) for v, e in enumerate(self.entries) for s in spread_starts(e.frames, self.span, self.clips)]
         else:
             self.items = [(v, -1) for v in range(len(self.entries))]
         self._files: dict[str, h5py.File] = {}
@@ -136,7 +156,7 @@ class ShardDataset(torch.utils.data.Dataset):
         rand = self._random(index)
         frames = entry.frames
         if start < 0:  # temporal="random"
-            start = int(rand(max(frames - self.clip_len, 0) + 1))
+            start = int(rand(max(frames - self.span, 0) + 1))
         group = self._group(entry)
         height, width = group["rgb"].shape[1:3]
         top, left, ch, cw = self._crop_box(height, width, rand)
@@ -144,12 +164,14 @@ class ShardDataset(torch.utils.data.Dataset):
         region = (slice(top, top + ch), slice(left, left + cw))
 
         item: dict[str, Any] = {"video": entry.input, "key": entry.key, "start": start, "frames": frames}
+        positions = np.arange(self.clip_len) * self.frame_step  # of the RGB frames within the span
         if "rgb" in self.streams:
-            rgb = read_frames(group["rgb"], conventions.clip_frame_indices(start, self.clip_len, frames), region)
+            rgb = read_frames(group["rgb"], conventions.clip_frame_indices(start, self.span, frames)[positions], region)
             x = conventions.rgb_to_model(rgb)  # (3, T, h, w)
             item["rgb"] = torch.flip(x, dims=[-1]) if flipped else x
         if "flow" in self.streams:
-            flow = read_frames(group["flow"], conventions.clip_flow_indices(start, self.clip_len, frames), region)
+            fields = (positions[:, None] + np.arange(self.flow_per_frame)).ravel()  # field-major per RGB frame
+            flow = read_frames(group["flow"], conventions.clip_flow_indices(start, self.span, frames)[fields], region)
             y = conventions.flow_to_model(flow)  # (2, T, h, w), channel 0 = x
             if flipped:
                 y = torch.flip(y, dims=[-1])
@@ -196,3 +218,10 @@ class ShardDataset(torch.utils.data.Dataset):
             return f[entry.key]
         except KeyError:
             raise ShardError(f"{self.shard_dir / entry.file} has no video {entry.key} ({entry.input})") from None
+
+
+def spread_starts(num_frames: int, span: int, clips: int) -> list[int]:
+    """`clips` starts evenly spaced over [0, num_frames - span] (just 0 when the clip is longer
+    than the video), rounded, duplicates dropped."""
+    last = max(num_frames - span, 0)
+    return sorted({int(round(s)) for s in np.linspace(0, last, clips)})

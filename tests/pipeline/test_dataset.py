@@ -194,3 +194,35 @@ def test_dataloader_workers_open_their_own_files(shard_dir):
     rgb = torch.cat([b["rgb"] for b in batches])
     assert rgb.shape == (len(ds), 3, 4, 8, 8)
     assert torch.equal(rgb, torch.stack([ds[i]["rgb"] for i in range(len(ds))]))
+
+
+def test_sampling_steps_and_flow_snippets_follow_the_looping_rule(shard_dir):
+    """2 RGB frames 3 apart with a snippet of 4 fields each (span 7), by hand from the module
+    docstring: frames start, start+3; fields start..start+3 and start+3..start+6, looped past the end."""
+    out, data = shard_dir
+    ds = ShardDataset(out, clip_len=2, frame_step=3, flow_per_frame=4, crop="full", streams=("rgb", "flow"),
+                      videos=["/v/ten.mp4"])  # fmt: skip
+    assert ds.span == 7 and [ds[i]["start"] for i in range(len(ds))] == [0, 7]
+    raw_rgb, raw_flow = data["/v/ten.mp4"]
+    first, last = ds[0], ds[1]
+    assert frame_ids(first["rgb"]) == [0, 3] and first["flow"].shape == (2, 8, H, W)
+    np.testing.assert_allclose(first["flow"].numpy(), to_model(raw_flow[[0, 1, 2, 3, 3, 4, 5, 6]]), atol=1e-6)
+    # start 7 in ten frames: the span 7..13 loops as 7, 8, 9, 7, 8, 9, 7; fields stop at 8 (T - 2)
+    assert frame_ids(last["rgb"]) == [7, 7]
+    np.testing.assert_allclose(last["flow"].numpy(), to_model(raw_flow[[7, 8, 8, 7, 7, 8, 8, 7]]), atol=1e-6)
+    plain = ShardDataset(out, clip_len=4, crop="full", streams=("rgb", "flow"), videos=["/v/ten.mp4"])
+    stepped = ShardDataset(out, clip_len=4, frame_step=1, flow_per_frame=1, crop="full", streams=("rgb", "flow"),
+                           videos=["/v/ten.mp4"])  # fmt: skip
+    assert len(plain) == len(stepped) and all(torch.equal(plain[i]["flow"], stepped[i]["flow"]) for i in range(len(plain)))
+
+
+def test_spread_starts_cover_the_video_without_duplicates(shard_dir):
+    out, _ = shard_dir
+    ds = ShardDataset(out, clip_len=1, flow_per_frame=2, temporal="spread", clips=4, crop="full",
+                      streams=("rgb", "flow"), videos=["/v/ten.mp4", "/v/three.mp4"])  # fmt: skip
+    starts = {}
+    for i in range(len(ds)):
+        starts.setdefault(ds[i]["video"], []).append(ds[i]["start"])
+    assert starts == {"/v/ten.mp4": [0, 3, 5, 8], "/v/three.mp4": [0, 1]}  # linspace(0, 8, 4) rounded; 0..1
+    with pytest.raises(ConfigError, match="frame_step"):
+        ShardDataset(out, crop="full", frame_step=0)
