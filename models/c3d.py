@@ -7,7 +7,8 @@ temporal stride of 2 (instead of 1) in the first pooling layer. Our choices wher
 silent: pool1 is 2x2x2 with stride 2 (C3D's is 1x2x2); every pool is TF "SAME" (`models.padding`),
 so pool5 turns the (1, 7, 7) map of a 16-frame clip into (1, 4, 4), the 8192 inputs of C3D's fc6;
 dropout 0.5 after fc6 and fc7 as in C3D. Convolutions have no bias (BN follows). 400 classes give
-79.7M parameters (Table 1: 79M). Input float32 (N, 3, 16, 112, 112) in [-1, 1].
+79.7M parameters (Table 1: 79M). Input float32 (N, 3, 16, 112, 112) in [-1, 1]; `clip_frames` and
+`crop` build the same network for other clip sizes (tiny ones in tests), fc6 sized to their pool5.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ CONVS: tuple[tuple[str, int, int], ...] = (
     ("conv5a", 512, 512),
     ("conv5b", 512, 512),
 )
-FC_IN = 512 * 1 * 4 * 4  # pool5 output of a 16 x 112 x 112 clip
 FC_DIM = 4096
+POOLS = 5  # each halves time and space, rounding up (SAME)
+
+
+def pool5_size(size: int) -> int:
+    """A time or space size after the five stride-2 SAME pools: 16 -> 1, 112 -> 4."""
+    for _ in range(POOLS):
+        size = -(-size // 2)
+    return size
 
 
 class ConvBN3d(nn.Module):
@@ -51,13 +59,14 @@ class ConvBN3d(nn.Module):
 class C3D(nn.Module):
     """C3D with BatchNorm; shapes below for (N, 3, 16, 112, 112)."""
 
-    def __init__(self, *, num_classes: int = 400, dropout: float = 0.5) -> None:
+    def __init__(self, *, num_classes: int = 400, dropout: float = 0.5, clip_frames: int = CLIP_FRAMES,
+                 crop: int = CROP) -> None:  # fmt: skip
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.clip_frames, self.crop = num_classes, clip_frames, crop
         self.convs = nn.ModuleDict({name: ConvBN3d(cin, cout) for name, cin, cout in CONVS})
         self.pool1 = MaxPoolSame((2, 2, 2), (2, 2, 2))  # the paper's temporal stride 2
         self.pools = nn.ModuleList([MaxPoolSame((2, 2, 2), (2, 2, 2)) for _ in range(4)])  # pool2..pool5
-        self.fc6 = nn.Linear(FC_IN, FC_DIM, bias=False)
+        self.fc6 = nn.Linear(512 * pool5_size(clip_frames) * pool5_size(crop) ** 2, FC_DIM, bias=False)  # 8192 in
         self.bn6 = nn.BatchNorm1d(FC_DIM, eps=BN_EPS)
         self.fc7 = nn.Linear(FC_DIM, FC_DIM, bias=False)
         self.bn7 = nn.BatchNorm1d(FC_DIM, eps=BN_EPS)
@@ -81,6 +90,7 @@ class C3D(nn.Module):
         return x if pre_logits else self.fc8(self.dropout(x))  # (N, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or tuple(x.shape[1:]) != (3, CLIP_FRAMES, CROP, CROP):
-            raise ValueError(f"C3D expects input (N, 3, {CLIP_FRAMES}, {CROP}, {CROP}), got shape {tuple(x.shape)}")
+        if x.ndim != 5 or tuple(x.shape[1:]) != (3, self.clip_frames, self.crop, self.crop):
+            raise ValueError(f"C3D expects input (N, 3, {self.clip_frames}, {self.crop}, {self.crop}), "
+                             f"got shape {tuple(x.shape)}")  # fmt: skip
         return self.forward_head(self.forward_features(x))
