@@ -56,7 +56,7 @@ from tqdm import tqdm
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
 from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
 from quovadis.pipeline import conventions, durable, features, manifest
@@ -460,7 +460,7 @@ class _FeatureStage:
             flow_actors, flow_share = cpu_flow_actors(int(cpus))
             reserved = (1.0 if decoding else 0.0) + (flow_actors * flow_share if decoding and "flow" in cfg.streams else 0.0)
             n, options, all_cores = 1, {"num_cpus": max(0.0, min(1.0, cpus - reserved))}, True
-        actor = ray.remote(max_restarts=1, max_task_retries=0, **options)(_PredictorActor)
+        actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **options)(_PredictorActor)
         self.actors = [actor.remote(pcfg, all_cores) for _ in range(n)]
         try:  # the model loads once per actor; a load failure stops the job here, not per batch
             ray.get([a.ready.remote() for a in self.actors])
@@ -702,7 +702,7 @@ class _FeatureStage:
             ray.kill(a)
 
 
-@ray.remote(num_cpus=0, max_retries=0)
+@ray.remote(num_cpus=0, max_retries=TASK_RETRIES)
 def _load_clips(batch: list[_ClipRequest], streams: tuple[str, ...], clip_len: int, crop: str, crop_size: int) -> dict[str, Any]:
     """Read a batch of clips from their shards: uint8 rgb (N, T, h, w, 3), stored flow (N, T, h, w, 2)
     (zeros float32 for one-frame videos) and clip ids; a clip that cannot be read goes to `errors`."""

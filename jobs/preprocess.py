@@ -32,10 +32,10 @@ from tqdm import tqdm
 
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, QuovadisError
-from quovadis.pipeline.flow import FlowConfig
+from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
 from quovadis.pipeline import manifest
 from quovadis.pipeline.manifest import LedgerEntry
@@ -187,7 +187,9 @@ class _Scheduler:
                 res = {"num_cpus": share}
                 # Ray sets OMP_NUM_THREADS from num_cpus; say how many threads torch uses instead
                 flow_cfg = dataclasses.replace(cfg.flow, cpu_threads=cfg.flow.cpu_threads or 1)
-            self.flow_actors = [ray.remote(**res)(_FlowActor).remote(flow_cfg) for _ in range(n)]
+            # a lost actor is restarted and its in-flight chunk redone (flow is a pure function)
+            actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **res)(_FlowActor)
+            self.flow_actors = [actor.remote(flow_cfg, cfg.shards.flow_dtype) for _ in range(n)]
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
         self.writer_error: str | None = None
@@ -315,26 +317,29 @@ class _Writer:
 
 
 class _FlowActor:
-    """Holds the flow device once; receives batches of consecutive frames from segment tasks."""
+    """Holds the flow device once; receives chunks of consecutive grey frames from segment tasks
+    and returns the flow as the shards store it, so each crosses the object store at its smallest."""
 
-    def __init__(self, cfg: FlowConfig) -> None:
+    def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
 
         self.predict = FlowPredictor(cfg)
+        self.flow_dtype = flow_dtype
 
-    def flow(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 (t, H, W, 3) -> float32 (t-1, H, W, 2) pixels."""
-        return self.predict(frames)
+    def flow(self, gray: np.ndarray) -> np.ndarray:
+        """uint8 (t, H, W) -> (t-1, H, W, 2) quantised uint8 (flow_dtype uint8) or float16 pixels."""
+        flow = self.predict(gray)
+        return conventions.quantize_flow(flow) if self.flow_dtype == "uint8" else flow.astype(np.float16)
 
 
-@ray.remote(num_cpus=1, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # retried when its worker dies, never for a bad file
 def _probe(path: str):
     from quovadis.pipeline.probe import probe
 
     return probe(path)
 
 
-@ray.remote(num_cpus=1, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # a retry rewrites the same frames at the same places
 def _decode_segment(
     path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actors: list, first_actor: int
 ) -> tuple[int, list[str]]:
@@ -365,7 +370,7 @@ def _decode_segment(
             first = chunk.start if previous is None else chunk.start - 1
             if len(frames) >= 2:
                 actor = flow_actors[(first_actor + i) % len(flow_actors)]
-                writes.append(writer.write_flow.remote(key, first, actor.flow.remote(frames)))
+                writes.append(writer.write_flow.remote(key, first, actor.flow.remote(rgb_to_gray(frames))))
             previous = chunk.frames[-1]
         pending.append(writes)
     ray.get([ref for writes in pending for ref in writes])

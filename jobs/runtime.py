@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".quovadis.lock"
 
 
+# Ray's retries of work lost with a process (a worker, an actor, a node): tasks are resubmitted and
+# actors restarted with their in-flight calls redone. An exception our own code raises (a bad file)
+# is never retried: retry_exceptions stays False, so it fails its video once, with its reason.
+TASK_RETRIES = 3
+ACTOR_RESTARTS = 3
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address`, or start a quiet embedded local Ray (no dashboard).
 

@@ -1,0 +1,125 @@
+"""Injected faults: a process of the job is SIGKILLed mid-run (a flow actor, a decode worker, an I3D
+actor); Ray's retries and restarts redo the lost work, so every video ends `ok` and the output
+equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quovadis.jobs.extract import ExtractConfig, extract
+from quovadis.jobs.preprocess import PreprocessConfig, preprocess
+from quovadis.models.predictor import PredictorConfig
+from quovadis.pipeline import features
+from quovadis.pipeline.decode import DecodeConfig
+from quovadis.pipeline.flow import FlowConfig
+from tests.conftest import shared_path
+from tests.jobs.test_preprocess import _read_all
+from tests.videos import make_video
+
+SMALL = DecodeConfig(short_side=64)
+FLOW = FlowConfig(fast=False, nscales=2, warps=2, outer_iterations=3, inner_iterations=10)  # cheap: faults are the point
+
+
+def _preprocess_cfg(out: Path) -> PreprocessConfig:
+    return PreprocessConfig(out=str(out), decode=SMALL, flow=FLOW)
+
+
+class KillOnce(threading.Thread):
+    """Kills (SIGKILL) the first process whose title starts with `title` - Ray names a worker
+    `ray::<task or Actor.method>` while it runs one (its /proc cmdline) - and remembers its pid."""
+
+    def __init__(self, title: str, timeout: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.title, self.deadline = title, time.monotonic() + timeout
+        self.killed: int | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                except OSError:  # the process is gone
+                    continue
+                if title.startswith(self.title):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    self.killed = int(proc.name)
+                    return
+            time.sleep(0.02)
+
+
+def _with_kill(title: str, job):
+    killer = KillOnce(title)
+    killer.start()
+    try:
+        report = job()
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None, f"no process titled {title!r} ran, nothing was killed"
+    return report
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("fault-videos")
+    return [
+        str(make_video(d / "a.mp4", fps=30, duration=1.2)),
+        str(make_video(d / "b.mkv", fps=25, duration=1.4, size=(98, 70), audio=True)),
+        str(make_video(d / "c.avi", fps=12, duration=1.5, size=(97, 71), codec="mpeg4")),
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, videos, tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    report = preprocess(videos, _preprocess_cfg(out))
+    assert sorted(report.ok) == sorted(videos)
+    return _read_all(out)
+
+
+def _assert_same(out: Path, expected: dict[str, dict]) -> None:
+    got = _read_all(out)
+    assert set(got) == set(expected)
+    for path, video in expected.items():
+        assert got[path]["frames"] == video["frames"], path
+        np.testing.assert_array_equal(got[path]["rgb"], video["rgb"], err_msg=path)
+        np.testing.assert_array_equal(got[path]["flow"], video["flow"], err_msg=path)
+
+
+@pytest.mark.parametrize("title", ["ray::_FlowActor.flow", "ray::_decode_segment"])
+def test_preprocess_survives_a_killed_worker(ray_session, videos, uninterrupted, tmp_path, title):
+    out = tmp_path / "out"
+    report = _with_kill(title, lambda: preprocess(videos, _preprocess_cfg(out)))
+    assert report.failed == {} and sorted(report.ok) == sorted(videos)
+    _assert_same(out, uninterrupted)
+
+
+def _features(out: Path) -> dict[str, features.VideoFeatures]:
+    return {e.input: features.read_video(out, e) for e in features.load_index(out).values() if e.status == "ok"}
+
+
+def test_extract_survives_a_killed_i3d_actor(ray_session, videos, tmp_path):
+    weights = str(shared_path("i3d", "rgb_random_init.pt"))
+
+    def cfg(out: Path) -> ExtractConfig:
+        predictor = PredictorConfig(streams=("rgb",), weights_rgb=weights)
+        return ExtractConfig(out=str(out), streams=("rgb",), clip_len=8, crop_size=56, batch_size=2,
+                             decode=SMALL, predictor=predictor)  # fmt: skip
+
+    plain = extract(videos, cfg(tmp_path / "plain"))
+    killed = _with_kill("ray::_PredictorActor.predict", lambda: extract(videos, cfg(tmp_path / "killed")))
+    assert plain.failed == {} and killed.failed == {} and sorted(killed.ok) == sorted(videos)
+    expected = _features(tmp_path / "plain")
+    got = _features(tmp_path / "killed")
+    assert set(got) == set(expected) == set(videos)
+    for path, video in expected.items():
+        np.testing.assert_array_equal(got[path].clip_start_frame, video.clip_start_frame)
+        np.testing.assert_allclose(got[path].features["rgb"], video.features["rgb"], rtol=0, atol=1e-5)
