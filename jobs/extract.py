@@ -51,9 +51,9 @@ from typing import Any
 import h5py
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.progress import Progress
 from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
@@ -216,11 +216,12 @@ def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, st
             attrs = _common_attrs(cfg, weights, sha256)
             if labels is not None and cfg.format == "npy":
                 features.write_labels(out, labels)
-            stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, decoding=bool(todo), recorded=recorded)
-            try:
-                _run(cfg, out, todo, stored, stage, report)
-            finally:
-                stage.close()
+            with Progress("extract") as progress:
+                stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, progress, decoding=bool(todo), recorded=recorded)
+                try:
+                    _run(cfg, out, todo, stored, stage, report)
+                finally:
+                    stage.close()
             report.extra["weights"] = {s: {"path": attrs[f"weights_{s}"], "sha256": attrs[f"weights_sha256_{s}"]} for s in weights}
         report.finish()
         report.write(out)
@@ -296,7 +297,7 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
 
     def decode() -> None:
         try:
-            result["report"] = preprocess(todo, pre_cfg, before_video=wait_for_room)
+            result["report"] = preprocess(todo, pre_cfg, before_video=wait_for_room, progress=stage.progress)
         except BaseException as e:  # re-raised in the driver's thread below
             result["error"] = e
 
@@ -447,9 +448,10 @@ class _FeatureStage:
     """Clips of queued shards -> loader tasks -> predictor actors -> feature files (in the driver)."""
 
     def __init__(self, cfg: ExtractConfig, pcfg: PredictorConfig, out: Path, report: JobReport,
-                 attrs: dict[str, Any], labels: list[str] | None, decoding: bool,
+                 attrs: dict[str, Any], labels: list[str] | None, progress: Progress, decoding: bool,
                  recorded: dict[str, LedgerEntry]) -> None:  # fmt: skip
         self.cfg, self.out, self.report, self.attrs, self.labels = cfg, out, report, attrs, labels
+        self.progress = progress
         self.indexed = {video_key(p) for p in recorded}  # keys with an index line: their shards may go
         cpus = float(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -478,7 +480,6 @@ class _FeatureStage:
         self.shards: list[_ShardJob] = []  # added and not yet written
         self.max_waiting_shards = _WAITING_SHARDS_PER_ACTOR * n
         self.busy = {"load_s": 0.0, "i3d_s": 0.0, "write_s": 0.0}
-        self.progress = tqdm(unit="video", desc="extract", disable=None, total=0)
 
     # -- input ---------------------------------------------------------------------------------------
 
@@ -486,8 +487,6 @@ class _FeatureStage:
         """Queue the clips of `videos` ((input, key) pairs) of the shard at `path`."""
         shard = _ShardJob(Path(path), owned)
         self.shards.append(shard)
-        self.progress.total += len(videos)
-        self.progress.refresh()
         shard.videos = [_VideoJob(inp, key, shard) for inp, key in videos]  # all first: see finished
         try:
             reader = ShardReader(shard.path)
@@ -505,6 +504,7 @@ class _FeatureStage:
 
     def _plan(self, video: _VideoJob, stored) -> None:
         video.frames, video.fps, video.warnings = stored.frames, stored.fps, stored.warnings
+        self.progress.expect(video.input, stored.frames / stored.fps)  # known already when decoded by this job
         zero_flow = "flow" in self.cfg.streams and stored.frames < 2
         if "flow" in self.cfg.streams and not zero_flow and "flow" not in stored.streams:
             raise QuovadisError(f"{stored.shard_path} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
@@ -528,7 +528,6 @@ class _FeatureStage:
         """An input that never reached a shard (decode failed): its index line and report entry."""
         if path in self.report.failed:
             return
-        self.progress.total += 1
         self._record_failed([_VideoJob(path, video_key(path), _ShardJob(Path(), False), error=reason)])
 
     # -- running -------------------------------------------------------------------------------------
@@ -631,7 +630,7 @@ class _FeatureStage:
         self.indexed.update(v.key for v in videos)
         for v in videos:
             self.report.failed[v.input] = v.error
-            self.progress.update(1)
+            self.progress.done(v.input, failed=True)
 
     def _check_shard(self, shard: _ShardJob) -> None:
         """Write the shard's features once all its videos are finished, then drop the shard."""
@@ -656,10 +655,11 @@ class _FeatureStage:
         for v, r in zip(ok, results):
             self.report.ok.append(v.input)
             self.report.frames += v.frames
+            self.report.video_seconds += v.frames / v.fps
             self.report.clips += len(v.starts)
             if v.warnings:
                 self.report.warnings[v.input] = v.warnings
-            self.progress.update(1)
+            self.progress.done(v.input, v.frames / v.fps)
             if "logits" in r.logits:
                 self._log_top5(v, r.logits["logits"])
         self.busy["write_s"] += time.perf_counter() - started
@@ -696,7 +696,6 @@ class _FeatureStage:
         log.info("%s top-5: %s", v.input, text)
 
     def close(self) -> None:
-        self.progress.close()
         self.report.extra["stage_busy_s"] = dict(self.busy)
         for a in self.actors:
             ray.kill(a)

@@ -15,6 +15,7 @@ finished shards are never rewritten; one job at a time per output directory (a l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
 from quovadis.pipeline import conventions
@@ -99,13 +100,15 @@ def run(args: argparse.Namespace) -> JobReport:
 
 def preprocess(
     inputs: list[str], cfg: PreprocessConfig, before_video: Callable[[], None] | None = None,
-    *, ignored: list[dict[str, str]] | None = None,
+    *, ignored: list[dict[str, str]] | None = None, progress: Progress | None = None,
 ) -> JobReport:
     """Preprocess `inputs` into cfg.out; returns the report (also written as report.json).
 
     `before_video` is called before each video is started: extract blocks there while enough
     finished shards wait for I3D (backpressure across the two stages). `ignored`: what the
-    directory scan passed over (jobs.inputs), for the report."""
+    directory scan passed over (jobs.inputs), for the report. `progress`: the caller's bar (extract's):
+    preprocess then announces each probed video on it and leaves counting it done to the caller;
+    without it preprocess shows its own."""
     out = Path(cfg.out)
     report = JobReport("preprocess", config=cfg.to_dict(), ignored=list(ignored or []))
     with out_dir_lock(out):
@@ -116,9 +119,10 @@ def preprocess(
             log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo:
             init_ray(cfg.address)
-            scheduler = _Scheduler(cfg, out, report, before_video)
-            scheduler.run(todo)
-            _settle(report, todo, manifest.load(out), scheduler.writer_error)
+            with contextlib.nullcontext(progress) if progress else Progress("preprocess") as bar:
+                scheduler = _Scheduler(cfg, out, report, before_video, bar, counts_done=progress is None)
+                scheduler.run(todo)
+            _settle(report, todo, manifest.load(out), scheduler.writer_error, cfg.decode.fps)
         report.finish()
         try:
             report.write(out)
@@ -145,11 +149,12 @@ def cpu_flow_actors(cpus: int) -> tuple[int, float]:
     return actors, max(0, cpus - decode) / actors
 
 
-def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None) -> None:
+def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None, fps: float) -> None:
     """The manifest is the truth: a video is ok only once its shard is final and recorded, so a
     video whose shard could not be finalised (e.g. a full disk) is reported failed."""
     report.ok = [p for p in todo if (e := recorded.get(p)) is not None and e.status == "ok"]
     report.frames = sum(recorded[p].frames or 0 for p in report.ok)
+    report.video_seconds = report.frames / fps
     report.warnings = {p: recorded[p].warnings for p in report.ok if recorded[p].warnings}
     for path in todo:
         if path not in report.ok and path not in report.failed:
@@ -170,8 +175,10 @@ class _Video:
 class _Scheduler:
     """Keeps a bounded number of probe and segment tasks in flight and reacts as each finishes."""
 
-    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, before_video: Callable[[], None] | None) -> None:
+    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, before_video: Callable[[], None] | None,
+                 progress: Progress, counts_done: bool) -> None:  # fmt: skip
         self.cfg, self.out, self.report, self.before_video = cfg, out, report, before_video
+        self.progress, self.counts_done = progress, counts_done
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.max_in_flight = max(2, cpus + 1)
@@ -193,14 +200,10 @@ class _Scheduler:
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
         self.writer_error: str | None = None
-        self.frames_done = 0  # for the progress bar; the report is settled from the manifest
-        self.progress: tqdm | None = None
-        self.started = time.monotonic()
 
     def run(self, todo: list[str]) -> None:
         probes = deque(_Video(p) for p in todo)
         segments: deque[tuple[_Video, Segment]] = deque()
-        self.progress = tqdm(total=len(todo), unit="video", desc="preprocess", disable=None)
         while probes or segments or self.in_flight:
             while len(self.in_flight) < self.max_in_flight and (segments or probes):
                 if segments:
@@ -230,15 +233,10 @@ class _Scheduler:
         except Exception as e:
             self.writer_error = failure_reason(e, self.cfg.out)
             log.error("%s", self.writer_error)
-        self.progress.close()
-
-    def _video_done(self) -> None:
-        self.progress.update(1)
-        rate = self.frames_done / max(time.monotonic() - self.started, 1e-9)
-        self.progress.set_postfix(frames_per_s=f"{rate:.0f}", failed=len(self.report.failed))
 
     def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
         video.info = info
+        self.progress.expect(video.path, info.duration)
         height, width = output_size(info, self.cfg.decode)
         expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
         video.key = ray.get(
@@ -270,8 +268,8 @@ class _Scheduler:
         frames = video.segments[-1].start + counts[-1]
         warnings = [w for s in video.segments for w in video.warnings[s.index]]
         ray.get(self.writer.end_video.remote(video.key, frames, warnings))
-        self.frames_done += frames
-        self._video_done()
+        if self.counts_done:
+            self.progress.done(video.path, frames / self.cfg.decode.fps)
 
     def _fail(self, video: _Video, reason: str) -> None:
         if video.error is not None:
@@ -288,7 +286,8 @@ class _Scheduler:
             manifest.append(self.out, [LedgerEntry.failed(video.path, reason)])
         except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
             log.error("%s", e)
-        self._video_done()
+        if self.counts_done:
+            self.progress.done(video.path, failed=True)
 
 
 class _Writer:

@@ -32,6 +32,7 @@ class JobReport:
     warnings: dict[str, list[str]] = field(default_factory=dict)  # ok input -> ffmpeg errors its decode kept
     ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: passed over by a directory scan
     frames: int = 0
+    video_seconds: float = 0.0  # of the ok videos, at their stored frame rate
     clips: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -54,14 +55,19 @@ class JobReport:
     def frames_per_second(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def realtime_factor(self) -> float:
+        """Video-seconds done per wall-second."""
+        return self.video_seconds / self.seconds if self.seconds > 0 else 0.0
+
     def summary(self) -> str:
         lines = [
             f"{self.job}: {len(self.ok)} ok ({len(self.warnings)} with decode warnings), {len(self.skipped)} already done, "
             f"{len(self.failed)} failed, {len(self.ignored)} ignored in input directories; "
-            f"{self.frames} frames, {self.clips} clips in {self.seconds:.1f} s "
-            f"({self.frames_per_second:.1f} frames/s)"
+            f"{self.frames} frames ({self.video_seconds:.1f} video-s), {self.clips} clips in {self.seconds:.1f} s "
+            f"({self.frames_per_second:.1f} frames/s, {self.realtime_factor:.2f} video-s per s)"
         ]
-        lines += [f"  failed: {path}: {reason}" for path, reason in sorted(self.failed.items())]
+        lines += [f"  failed: {reason if reason.startswith(path) else f'{path}: {reason}'}" for path, reason in sorted(self.failed.items())]
         if self.warnings or self.ignored:
             lines.append(f"  report.json lists the {len(self.warnings)} videos with warnings and the {len(self.ignored)} ignored paths")
         return "\n".join(lines)
@@ -69,6 +75,7 @@ class JobReport:
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
         data["frames_per_second"] = self.frames_per_second
+        data["video_seconds_per_second"] = self.realtime_factor
         return data
 
     def write(self, out_dir: Path) -> Path:

@@ -1,0 +1,82 @@
+"""The progress bar as a person watches it, in a terminal (a pseudo-terminal here): one bar per job
+counting video-seconds against the probed total, log lines printed above it, never through it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_path
+from tests.videos import make_video
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
+
+
+def _in_terminal(args: list[str], cwd: Path) -> list[str]:
+    """Run `quovadis ARGS` with stdout and stderr on a 120-column pseudo-terminal; the screen
+    updates it wrote, split where the terminal would start over (\\r or \\n)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "quovadis", *args], stdout=slave, stderr=slave,
+                            stdin=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=600) in (0, 1), out.decode(errors="replace")[-3000:]
+    text = out.decode(errors="replace").replace("\x1b[0m", "").replace("\x1b[A", "")
+    return [part.strip() for part in re.split(r"[\r\n]", text) if part.strip()]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("progress")
+    make_video(d / "a.mp4", duration=2.0)
+    make_video(d / "b.mkv", fps=30, duration=3.0, audio=True)
+    (d / "bad.mp4").write_bytes(b"not a video")
+    return d
+
+
+def _check_bar(parts: list[str], job: str, seconds: float) -> None:
+    bars = [p for p in parts if "video-s [" in p and not LOG_LINE.match(p)]
+    assert bars and all(p.startswith(f"{job}:") for p in bars), bars  # one bar, the job's own
+    last = re.search(r"(\d+)/(\d+) video-s", bars[-1])
+    assert last and int(last[1]) == int(last[2]) == round(seconds), bars[-1]  # done = the probed total
+    assert "failed=1" in bars[-1]
+    warnings = [p for p in parts if "WARNING" in p and "bad.mp4" in p]
+    assert warnings and all(LOG_LINE.match(p) for p in warnings), warnings  # above the bar, whole
+
+
+def test_preprocess_shows_one_bar_of_video_seconds(inputs, tmp_path):
+    parts = _in_terminal(["preprocess", "a.mp4", "b.mkv", "bad.mp4", "--out", str(tmp_path / "out"),
+                          "--streams", "rgb", "--short-side", "64"], inputs)  # fmt: skip
+    _check_bar(parts, "preprocess", 5.0)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["video_seconds"] == pytest.approx(5.0, abs=0.05)  # 50 + 75 frames at 25 fps
+    assert report["video_seconds_per_second"] == pytest.approx(report["video_seconds"] / report["seconds"])
+
+
+def test_extract_shows_one_bar_not_one_per_stage(inputs, tmp_path):
+    weights = str(shared_path("i3d", "rgb_random_init.pt"))
+    parts = _in_terminal(["extract", "a.mp4", "b.mkv", "bad.mp4", "--out", str(tmp_path / "out"), "--streams", "rgb",
+                          "--clip-len", "8", "--short-side", "64", "--crop-size", "56", "--weights-rgb", weights], inputs)  # fmt: skip
+    _check_bar(parts, "extract", 5.0)
+    summary = next(p for p in parts if "extract: 2 ok" in p)
+    assert "5.0 video-s" in summary and "video-s per s" in summary
