@@ -326,3 +326,33 @@ def test_fifo_input_fails_at_once_beside_a_good_video(ray_session, tmp_path, sma
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] == [str(small_videos[0])]
     assert list(report["failed"]) == [str(fifo)] and "not a regular file" in report["failed"][str(fifo)]
+
+
+def test_hung_decoder_fails_its_video_after_the_timeout_others_complete(tmp_path, small_videos):
+    """An `ffmpeg` first on PATH (the one quovadis then uses, in every Ray worker) that hangs after
+    part of a frame when decoding one of the videos: that video fails naming the timeout, the
+    others are stored, and the job ends (exit 1) instead of hanging."""
+    import imageio_ffmpeg
+
+    hung = tmp_path / "hung.mp4"
+    shutil.copy(small_videos[0], hung)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "ffmpeg"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *hung.mp4*rawvideo*) head -c 1000 /dev/zero; exec sleep 1000;; esac\n'
+        f'exec {imageio_ffmpeg.get_ffmpeg_exe()} "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "quovadis", "preprocess", str(hung), str(small_videos[1]), "--out", str(out),
+                             "--streams", "rgb", "--short-side", "64", "--decode-timeout", "3"],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == EXIT_SOME_FAILED, result.stderr[-3000:]
+    assert time.monotonic() - began < 120
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] == [str(small_videos[1])]
+    assert list(report["failed"]) == [str(hung)] and "no progress for 3 s; killed" in report["failed"][str(hung)]
