@@ -12,7 +12,8 @@ BENCHMARKS: dict[str, str] = {
     "flow": "TV-L1 pairs/s and EPE: ours (CPU, CUDA when present) against OpenCV DualTVL1, same frames",
     "i3d": "I3D clips/s and peak memory per batch size: eager fp32 (pytorch-i3d style) against our fast path",
     "extract": "end-to-end extraction: videos/s, video-seconds per wall-second, busy fraction of each stage",
-    "train": "training clips/s per device, fp32 against mixed precision, shard loader throughput against demand",
+    "train": "training clips/s per device, fp32 against mixed precision, shard loader throughput against demand; "
+    "with --arch, clips/s and peak memory of each architecture at its training input",
 }
 
 
