@@ -54,7 +54,7 @@ import ray
 
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
-from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, flow_on_gpu, parse_size, preprocess
+from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_placement, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
 from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
@@ -319,6 +319,7 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
     if "error" in result:
         raise result["error"]
     stage.drain()
+    report.extra["nodes"] = result["report"].extra.get("nodes", {})  # where decode and flow ran
     todo_set = set(todo)
     for path, reason in result["report"].failed.items():
         if path in todo_set:
@@ -459,8 +460,9 @@ class _FeatureStage:
             # no CPU slot: its CPU work is small, and slots held by GPU actors could starve decoding
             n, options, all_cores = gpus, {"num_gpus": _gpu_share(cfg, decoding), "num_cpus": 0}, False
         else:  # leave the decode task and the flow actors their CPU slots: never stall preprocess
-            flow_actors, flow_share = cpu_flow_actors(int(cpus))
-            reserved = (1.0 if decoding else 0.0) + (flow_actors * flow_share if decoding and "flow" in cfg.streams else 0.0)
+            placement = cpu_flow_placement() if decoding else []  # a CPU per node for decode, and the flow actors'
+            flow = sum(n * share for _, n, share in placement) if "flow" in cfg.streams else 0.0
+            reserved = len(placement) + flow
             n, options, all_cores = 1, {"num_cpus": max(0.0, min(1.0, cpus - reserved))}, True
         actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **options)(_PredictorActor)
         self.actors = [actor.remote(pcfg, all_cores) for _ in range(n)]

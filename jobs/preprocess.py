@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
@@ -149,6 +150,16 @@ def cpu_flow_actors(cpus: int) -> tuple[int, float]:
     return actors, max(0, cpus - decode) / actors
 
 
+def cpu_flow_placement() -> list[tuple[str, int, float]]:
+    """(node id, actors, CPUs each) of the CPU flow actors: `cpu_flow_actors` of each alive node
+    with a CPU, so that every node keeps a whole CPU for decode tasks (actors of a fraction of a CPU
+    packed across nodes could leave no node a whole one, and decode would never be scheduled)."""
+    return [
+        (node["NodeID"], *cpu_flow_actors(int(node["Resources"]["CPU"])))
+        for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+    ]  # fmt: skip
+
+
 def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None, fps: float) -> None:
     """The manifest is the truth: a video is ok only once its shard is final and recorded, so a
     video whose shard could not be finalised (e.g. a full disk) is reported failed."""
@@ -187,16 +198,20 @@ class _Scheduler:
         self.flow_actors = []
         if "flow" in cfg.streams:
             if flow_on_gpu(cfg.flow, gpus):
-                n, res = gpus, {"num_gpus": cfg.flow_gpu_share, "num_cpus": 0}  # decode tasks keep every CPU slot
+                placement = [{"num_gpus": cfg.flow_gpu_share, "num_cpus": 0}] * gpus  # decode tasks keep every CPU slot
                 flow_cfg = cfg.flow
             else:
-                n, share = cpu_flow_actors(cpus)
-                res = {"num_cpus": share}
+                placement = [
+                    # pinned: soft affinity placed them anywhere (Ray 2.60); an actor of a lost node is not restarted
+                    {"num_cpus": share, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+                    for node, n, share in cpu_flow_placement() for _ in range(n)
+                ]  # fmt: skip
                 # Ray sets OMP_NUM_THREADS from num_cpus; say how many threads torch uses instead
                 flow_cfg = dataclasses.replace(cfg.flow, cpu_threads=cfg.flow.cpu_threads or 1)
             # a lost actor is restarted and its in-flight chunk redone (flow is a pure function)
-            actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **res)(_FlowActor)
-            self.flow_actors = [actor.remote(flow_cfg, cfg.shards.flow_dtype) for _ in range(n)]
+            actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_FlowActor)
+            self.flow_actors = [actor.options(**res).remote(flow_cfg, cfg.shards.flow_dtype) for res in placement]
+        self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
         self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
         self.next_segment = 0
         self.writer_error: str | None = None
@@ -221,18 +236,31 @@ class _Scheduler:
                 if kind == "probe":
                     segments.extend(self._begin(video, result))
                 else:
-                    video.frames[seg.index], video.warnings[seg.index] = result
+                    video.frames[seg.index], video.warnings[seg.index], node = result
+                    self.decode_nodes[node] = self.decode_nodes.get(node, 0) + 1
                     for warning in video.warnings[seg.index]:  # the worker's own log never reaches the driver
                         log.warning("%s: %s", video.path, warning)
                     if len(video.frames) == len(video.segments) and video.error is None:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
                 self._fail(video, failure_reason(e, video.path))
+        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self._flow_nodes()}
         try:
             ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
         except Exception as e:
             self.writer_error = failure_reason(e, self.cfg.out)
             log.error("%s", self.writer_error)
+
+    def _flow_nodes(self) -> dict[str, int]:
+        """node id -> flow actors running there (where Ray placed or restarted them)."""
+        nodes: dict[str, int] = {}
+        for actor in self.flow_actors:
+            try:
+                node = ray.get(actor.node.remote())
+            except ray.exceptions.RayActorError:  # gone for good: its videos failed and say why
+                continue
+            nodes[node] = nodes.get(node, 0) + 1
+        return nodes
 
     def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
         video.info = info
@@ -325,6 +353,9 @@ class _FlowActor:
         self.predict = FlowPredictor(cfg)
         self.flow_dtype = flow_dtype
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def flow(self, gray: np.ndarray) -> np.ndarray:
         """uint8 (t, H, W) -> (t-1, H, W, 2) quantised uint8 (flow_dtype uint8) or float16 pixels."""
         flow = self.predict(gray)
@@ -341,9 +372,10 @@ def _probe(path: str):
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # a retry rewrites the same frames at the same places
 def _decode_segment(
     path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actors: list, first_actor: int
-) -> tuple[int, list[str]]:
-    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment
-    and ffmpeg's errors of a decode that kept its frames (carried back: a worker's log is not shown).
+) -> tuple[int, list[str], str]:
+    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment,
+    ffmpeg's errors of a decode that kept its frames (carried back: a worker's log is not shown) and
+    the id of the node it ran on.
 
     With flow, chunk i goes to flow_actors[(first_actor + i) % n] and up to n chunks are in flight,
     so one decode keeps every flow actor busy (decode is ~10x cheaper than flow) while memory stays
@@ -373,4 +405,4 @@ def _decode_segment(
             previous = chunk.frames[-1]
         pending.append(writes)
     ray.get([ref for writes in pending for ref in writes])
-    return count, warnings
+    return count, warnings, ray.get_runtime_context().get_node_id()
