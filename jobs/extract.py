@@ -57,7 +57,7 @@ from quovadis.jobs.progress import Progress
 from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_placement, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
-from quovadis.models.predictor import PRECISIONS, I3DPredictor, PredictorConfig
+from quovadis.models.predictor import I3DPredictor, PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
 from quovadis.pipeline import conventions, durable, features, manifest
 from quovadis.pipeline.decode import DecodeConfig

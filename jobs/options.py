@@ -12,11 +12,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from quovadis.jobs.bench import BENCHMARKS
 from quovadis.pipeline import conventions
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside a checkout: the benchmarks' inputs
 
 DECODE_TIMEOUT_S = 300.0  # pipeline.decode.DecodeConfig().timeout_s
 COMPRESSIONS = ("none", "lzf", "gzip1", "gzip4", "gzip9")  # pipeline.shards.COMPRESSIONS; the first is the default
 STREAMS = ("rgb", "flow")
+IN_CHANNELS = {"rgb": 3, "flow": 2}  # models.weights.IN_CHANNELS
 FLOW_BACKENDS = ("torch", "opencv")  # pipeline.flow.BACKENDS
 PRECISIONS = ("fp32", "bf16", "fp16")  # models.fast.PRECISIONS
 FEATURE_FORMATS = ("hdf5", "npy")  # pipeline.features.FORMATS
@@ -114,3 +118,95 @@ def show(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=6, help="rows: frames spread over the video (default 6)")
     p.add_argument("--max-flow", type=float, default=None,
                    help="flow length in pixels drawn fully saturated (default: the longest vector shown)")
+
+
+def bench(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, help_text in BENCHMARKS.items():
+        BENCH_OPTIONS[name](sub.add_parser(name, help=help_text, description=help_text))
+
+
+def _bench_decode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", default=[str(SHARED / "videos")], help="videos or directories (default ../shared/videos)")
+    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
+    p.add_argument("--repeat", type=int, default=2, help="runs per file and method; the best is kept")
+    p.add_argument("--compression", default=COMPRESSIONS[0])
+
+
+def _bench_shards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("videos", nargs="*", type=Path, default=[SHARED / "videos"], help="video files or folders (default ../shared/videos)")
+    p.add_argument("--compressions", default="none,lzf,gzip1,gzip4", help="comma-separated list")
+    p.add_argument("--chunk-frames", default="1,2,4,8", help="comma-separated frames per chunk")
+    p.add_argument("--max-seconds", type=float, default=12.0, help="decode at most this much of each video")
+    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
+    p.add_argument("--clips", type=int, default=100, help="random clips read per setting and repeat")
+    p.add_argument("--repeat", type=int, default=2, help="measure each setting this often, keep the best")
+    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
+    p.add_argument("--workdir", type=Path, default=None, help="where to write shards (default a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def _bench_flow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video", default=str(SHARED / "videos" / "bigbuckbunny_h264_720p25.mp4"),
+                   help="video whose consecutive frames are the pairs (default ../shared/videos/bigbuckbunny_h264_720p25.mp4)")
+    p.add_argument("--sizes", default="224x224,256x340", help="HxW sizes, comma separated (default 224x224,256x340)")
+    p.add_argument("--pairs", type=int, default=16, help="frame pairs per size on the CPU (default 16)")
+    p.add_argument("--cuda-pairs", type=int, default=512,
+                   help="pairs per size on CUDA; the decoded pairs are repeated to reach it (default 512)")
+    p.add_argument("--batch-pairs", type=int, default=None,
+                   help="pairs per tvl1 call (default: 1 on the CPU, where batching only costs; 128 on CUDA)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and OpenCV (default 1: per core)")
+    p.add_argument("--methods", default="opencv,eager,fast,cuda",
+                   help="any of opencv, eager (torch CPU), fast (torch CPU compiled), cuda (torch CUDA fast), "
+                   "cuda-eager (default opencv,eager,fast,cuda; cuda ones are skipped without a GPU)")
+    p.add_argument("--middlebury", default=str(SHARED / "flow"), help="directory with RubberWhale/ and Venus/ (default ../shared/flow)")
+
+
+def _bench_i3d(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,8,16,32 on CUDA, 1,2 on CPU)")
+    p.add_argument("--frames", type=int, default=conventions.CLIP_LEN)
+    p.add_argument("--size", type=int, default=conventions.CROP_SIZE, help="height and width")
+    p.add_argument("--stream", choices=tuple(IN_CHANNELS), default="rgb")
+    p.add_argument("--weights", default=None, help="weights file (default: random)")
+    p.add_argument("--variants", default=None, help="comma-separated variant names (default: those of the device; a wrong name lists them all)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
+    p.add_argument("--iters", type=int, default=None, help="timed batches per measurement (default 20 CUDA, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 5 CUDA, 1 CPU)")
+
+
+def _bench_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", default=[str(SHARED / "videos")], help="videos or directories (default ../shared/videos)")
+    p.add_argument("--streams", default="rgb,flow")
+    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
+    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
+    p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--flow-backend", default="torch")
+    p.add_argument("--weights-rgb", default=str(SHARED / "i3d" / "rgb_random_init.pt"), help="(random weights time the same as real ones)")
+    p.add_argument("--weights-flow", default=str(SHARED / "i3d" / "flow_random_init.pt"))
+    p.add_argument("--address", default=None)
+
+
+def _bench_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default=None,
+                   help="comma list of train --arch names, or all: clips/s and peak memory of each "
+                        "at its training input (default: the single-stream I3D bench below)")  # fmt: skip
+    p.add_argument("--stream", choices=tuple(IN_CHANNELS), default="rgb")
+    p.add_argument("--clip-len", type=int, default=None,
+                   help="RGB frames per clip (default 64; with --arch the arch's own, flow fields in proportion; "
+                        "two-stream takes only 1)")  # fmt: skip
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="square crop (default 224; with --arch the arch's own)")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per step (default 4)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per precision (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (default fp32,bf16)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:n] (default: cuda when present)")
+    p.add_argument("--data", default=None, help="shard directory: also measure the data loader")
+    p.add_argument("--loader-workers", default="0,2", help="comma list of DataLoader worker counts (default 0,2)")
+    p.add_argument("--loader-clips", type=int, default=32, help="clips read per loader measurement (default 32)")
+
+
+BENCH_OPTIONS = {"decode": _bench_decode, "shards": _bench_shards, "flow": _bench_flow, "i3d": _bench_i3d,
+               "extract": _bench_extract, "train": _bench_train}  # fmt: skip

@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 import re
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -24,7 +24,7 @@ Inside a shard (h5py only is needed to read it)::
 
 Both datasets are chunked along time, `chunk_frames` frames x the whole frame per chunk, so a clip
 of L frames reads only the chunks it touches, and compressed with `compression`. Defaults, from
-jobs/bench_shards.py and jobs/bench_decode.py on the shared videos (BENCHMARKS.md): no
+jobs/bench/shards.py and jobs/bench/decode.py on the shared videos (BENCHMARKS.md): no
 compression, because one writer process serves a whole job and lzf caps it at ~180 MB/s (about
 500 frames/s at 256x455), decode+write reaches only 0.45 of plain ffmpeg per core with lzf against
 0.78 without, and uncompressed clips read ~10x faster for training. `lzf` (64 % of raw size; against
@@ -76,8 +76,8 @@ class ShardConfig:
     """How shards are written. `compression`: none | lzf | gzip1 | gzip4 | gzip9 (gzip level)."""
 
     shard_size_bytes: int = 1 << 30  # a shard takes no new videos once its file reaches this size
-    compression: str = "none"  # measured: jobs/bench_shards.py, jobs/bench_decode.py
-    chunk_frames: int = 1  # frames per HDF5 chunk along time; measured: jobs/bench_shards.py
+    compression: str = "none"  # measured: jobs/bench/shards.py, jobs/bench/decode.py
+    chunk_frames: int = 1  # frames per HDF5 chunk along time; measured: jobs/bench/shards.py
     flow_dtype: str = "uint8"  # "uint8" (quantised, conventions.quantize_flow) or "float16" pixels
 
     def __post_init__(self) -> None:

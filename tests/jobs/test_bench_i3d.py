@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from quovadis.jobs.bench_i3d import BASELINE, add_arguments, run_bench
+from quovadis.jobs import options
+from quovadis.jobs.bench.i3d import BASELINE, run_bench
 
 
 def test_bench_reports_speed_memory_and_feature_difference(capsys):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    options.BENCH_OPTIONS["i3d"](parser)
     args = parser.parse_args(["--batch-sizes", "1", "--frames", "9", "--size", "32", "--device", "cpu",
                               "--variants", "bf16-cl-fold", "--iters", "1", "--warmup", "0"])
     assert run_bench(args) == 0

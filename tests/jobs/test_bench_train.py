@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quovadis.jobs.bench_train import add_arguments, run_bench, synthetic_inputs
+from quovadis.jobs import options
+from quovadis.jobs.bench.train import run_bench, synthetic_inputs
 from quovadis.models.archs import build
 from quovadis.pipeline.errors import ConfigError
 from tests.synthetic import motion_shards
@@ -25,7 +26,7 @@ def work(tmp_path_factory, ray_session) -> Path:
 def test_bench_reports_model_and_loader_throughput(work, capsys):
     _, shards = motion_shards(work)
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    options.BENCH_OPTIONS["train"](parser)
     args = parser.parse_args(["--stream", "flow", "--clip-len", "8", "--crop-size", "32", "--batch-size", "2",
                               "--steps", "1", "--warmup", "0", "--precisions", "fp32,bf16", "--device", "cpu",
                               "--data", str(shards), "--loader-workers", "0", "--loader-clips", "4"])  # fmt: skip
@@ -38,7 +39,7 @@ def test_bench_reports_model_and_loader_throughput(work, capsys):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    options.BENCH_OPTIONS["train"](parser)
     return parser.parse_args(list(argv))
 
 

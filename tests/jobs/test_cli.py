@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -40,7 +39,7 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"quovadis {__version__}"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], *([name, "--help"] for name in COMMANDS if name not in ("train", "evaluate", "bench"))])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["bench", "flow", "--help"], *([name, "--help"] for name in COMMANDS if name not in ("train", "evaluate"))])
 def test_help_imports_no_heavy_module(args):
     """--help of the CLI and of every subcommand needs none of torch, Ray, OpenCV, h5py (together
     seconds to import): the arguments live in jobs/options.py, a job's module is imported to run."""
@@ -56,7 +55,7 @@ def test_options_choices_and_defaults_are_the_engines():
     """jobs/options.py writes the engine's names and defaults as literals (to stay light); they
     must not drift from the engine's own."""
     from quovadis.jobs import extract
-    from quovadis.models import fast, inflate
+    from quovadis.models import fast, inflate, weights
     from quovadis.pipeline import decode, features, flow, shards
 
     assert options.FLOW_BACKENDS == flow.BACKENDS
@@ -68,6 +67,7 @@ def test_options_choices_and_defaults_are_the_engines():
     assert options.COMPRESSIONS == shards.COMPRESSIONS
     assert options.COMPRESSIONS[0] == shards.ShardConfig().compression
     assert options.DECODE_TIMEOUT_S == decode.DecodeConfig().timeout_s
+    assert options.IN_CHANNELS == weights.IN_CHANNELS
 
 
 def test_extract_from_a_directory_with_its_own_models_package(tmp_path):

@@ -333,10 +333,11 @@ def test_config_is_validated():
 
 
 def test_bench_measures_real_decoded_video(tmp_path):
-    from quovadis.jobs import bench_shards
+    from quovadis.jobs import options
+    from quovadis.jobs.bench import shards as bench_shards
 
     parser = argparse.ArgumentParser()
-    bench_shards.add_arguments(parser)
+    options.BENCH_OPTIONS["shards"](parser)
     video = shared_path("videos", "mmaction2_test_mpeg4.avi")
     args = parser.parse_args([str(video), "--compressions", "none,lzf", "--chunk-frames", "4",
                               "--max-seconds", "3", "--clips", "3", "--clip-len", "16",

@@ -29,7 +29,6 @@ from quovadis.models.fast import EAGER_FP32, FastI3D, InferenceConfig
 from quovadis.models.i3d import InceptionI3d, Unit3D
 from quovadis.models.padding import MaxPoolSame
 from quovadis.models.weights import IN_CHANNELS, load_i3d
-from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,18 +48,6 @@ DEFAULT_VARIANTS = {
     "cuda": list(VARIANTS),
     "cpu": [BASELINE, "fp32", "fp32-cl-fold", "bf16-cl-fold"],  # compile: add it by name, slow to build on few cores
 }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,8,16,32 on CUDA, 1,2 on CPU)")
-    p.add_argument("--frames", type=int, default=conventions.CLIP_LEN)
-    p.add_argument("--size", type=int, default=conventions.CROP_SIZE, help="height and width")
-    p.add_argument("--stream", choices=tuple(IN_CHANNELS), default="rgb")
-    p.add_argument("--weights", default=None, help="weights file (default: random)")
-    p.add_argument("--variants", default=None, help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
-    p.add_argument("--iters", type=int, default=None, help="timed batches per measurement (default 20 CUDA, 2 CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 5 CUDA, 1 CPU)")
 
 
 @dataclass

@@ -26,7 +26,6 @@ import inspect
 import multiprocessing
 import os
 import platform
-import shlex
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quovadis.jobs.bench import repeat_command
 from quovadis.models.archs import ARCHS, build, model_inputs
 from quovadis.models.fast import PRECISIONS, autocast
 from quovadis.models.i3d import InceptionI3d
@@ -47,26 +47,6 @@ from quovadis.pipeline.errors import ConfigError
 
 
 NUM_CLASSES = 400
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default=None,
-                   help=f"comma list of {', '.join(ARCHS)}, or all: clips/s and peak memory of each "
-                        "at its training input (default: the single-stream I3D bench below)")  # fmt: skip
-    p.add_argument("--stream", choices=tuple(IN_CHANNELS), default="rgb")
-    p.add_argument("--clip-len", type=int, default=None,
-                   help="RGB frames per clip (default 64; with --arch the arch's own, flow fields in proportion; "
-                        "two-stream takes only 1)")  # fmt: skip
-    p.add_argument("--crop-size", type=int, default=None,
-                   help="square crop (default 224; with --arch the arch's own)")
-    p.add_argument("--batch-size", type=int, default=4, help="clips per step (default 4)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per precision (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16, fp16 (default fp32,bf16)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:n] (default: cuda when present)")
-    p.add_argument("--data", default=None, help="shard directory: also measure the data loader")
-    p.add_argument("--loader-workers", default="0,2", help="comma list of DataLoader worker counts (default 0,2)")
-    p.add_argument("--loader-clips", type=int, default=32, help="clips read per loader measurement (default 32)")
 
 
 def model_throughput(*, stream: str, clip_len: int, crop_size: int, batch_size: int, steps: int, warmup: int,
@@ -186,7 +166,7 @@ def arch_bench(args: argparse.Namespace, device: torch.device, precisions: list[
     mem = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
     lines = [
         f"# quovadis bench train — {time.strftime('%Y-%m-%d')}, {_device_name(device)}, torch {torch.__version__}",
-        f"# command: quovadis bench train {_command(args)}",
+        f"# command: {repeat_command('train', args)}",
         f"# {args.warmup} warm-up + {args.steps} timed steps (forward, backward, SGD) per row, {NUM_CLASSES} "
         "classes, random inputs, a fresh process per row",
         "",
@@ -256,12 +236,3 @@ def _device_name(device: torch.device) -> str:
             break
     gpu = "" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}"
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The options given that differ from the defaults, to repeat the run."""
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    defaults = vars(p.parse_args([]))
-    return " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-                    if k in defaults and v != defaults[k])  # fmt: skip

@@ -28,7 +28,6 @@ from quovadis.pipeline.flowviz import endpoint_error, read_flo
 
 log = logging.getLogger(__name__)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 MIDDLEBURY = ("RubberWhale", "Venus")
 
 
@@ -50,22 +49,6 @@ class Row:
     wall_s: float
     cpu_s: float
     distance_to_opencv: float | None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", default=str(SHARED / "videos" / "bigbuckbunny_h264_720p25.mp4"),
-                   help="video whose consecutive frames are the pairs (default ../shared/videos/bigbuckbunny_h264_720p25.mp4)")
-    p.add_argument("--sizes", default="224x224,256x340", help="HxW sizes, comma separated (default 224x224,256x340)")
-    p.add_argument("--pairs", type=int, default=16, help="frame pairs per size on the CPU (default 16)")
-    p.add_argument("--cuda-pairs", type=int, default=512,
-                   help="pairs per size on CUDA; the decoded pairs are repeated to reach it (default 512)")
-    p.add_argument("--batch-pairs", type=int, default=None,
-                   help="pairs per tvl1 call (default: 1 on the CPU, where batching only costs; 128 on CUDA)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch and OpenCV (default 1: per core)")
-    p.add_argument("--methods", default="opencv,eager,fast,cuda",
-                   help="any of opencv, eager (torch CPU), fast (torch CPU compiled), cuda (torch CUDA fast), "
-                   "cuda-eager (default opencv,eager,fast,cuda; cuda ones are skipped without a GPU)")
-    p.add_argument("--middlebury", default=str(SHARED / "flow"), help="directory with RubberWhale/ and Venus/ (default ../shared/flow)")
 
 
 def run_bench(args: argparse.Namespace) -> int:

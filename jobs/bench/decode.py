@@ -16,20 +16,11 @@ import time
 from pathlib import Path
 
 from quovadis.jobs.inputs import expand_inputs
-from quovadis.pipeline import conventions
 from quovadis.pipeline.decode import DecodeConfig, iter_frames, output_size
 from quovadis.pipeline.probe import ffmpeg_exe, ffmpeg_input, probe
 from quovadis.pipeline.shards import ShardConfig, ShardWriter
 
 log = logging.getLogger(__name__)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", default=[str(Path(__file__).resolve().parents[2] / "shared" / "videos")],
-                   help="videos or directories (default ../shared/videos)")
-    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
-    p.add_argument("--repeat", type=int, default=2, help="runs per file and method; the best is kept")
-    p.add_argument("--compression", default=ShardConfig().compression)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -20,21 +20,18 @@ import argparse
 import logging
 import os
 import platform
-import shlex
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from quovadis.jobs import extract as extract_job, options
+from quovadis.jobs.bench import repeat_command
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
-from quovadis.pipeline import conventions
 
 log = logging.getLogger(__name__)
 
-_SHARED = Path(__file__).resolve().parents[2] / "shared"
 STAGES = {
     "decode": ("quovadis.jobs.preprocess._decode_segment", "quovadis.jobs.preprocess._probe"),
     "flow": ("flow",),
@@ -42,20 +39,6 @@ STAGES = {
     "i3d": (),  # killed at the end of the job, before its task events would reach the timeline
     "write": ("begin_video", "write_rgb", "write_flow", "end_video", "abort_video", "close"),
 }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", default=[str(_SHARED / "videos")], help="videos or directories (default ../shared/videos)")
-    p.add_argument("--streams", default="rgb,flow")
-    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
-    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
-    p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--flow-backend", default="torch")
-    p.add_argument("--weights-rgb", default=str(_SHARED / "i3d" / "rgb_random_init.pt"), help="(random weights time the same as real ones)")
-    p.add_argument("--weights-flow", default=str(_SHARED / "i3d" / "flow_random_init.pt"))
-    p.add_argument("--address", default=None)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -86,7 +69,7 @@ def run_bench(args: argparse.Namespace) -> int:
     video_s = report.frames / cfg.decode.fps
     lines = [
         f"# quovadis bench extract — {time.strftime('%Y-%m-%d')}, {_device()}",
-        f"# command: quovadis bench extract {_command(args)}",
+        f"# command: {repeat_command('extract', args)}",
         f"# settings: streams {args.streams}, clip {args.clip_len}, short side {args.short_side}, crop {args.crop_size}, "
         f"batch {args.batch_size}, precision {args.precision}, flow {args.flow_backend}",
         f"videos ok {len(report.ok)}, failed {len(report.failed)}; {report.frames} frames = {video_s:.1f} video-s; "
@@ -111,19 +94,6 @@ def _stage_busy(events: list[dict]) -> dict[str, float]:
             if e.get("name") in names:
                 busy[stage] += float(e.get("dur", 0)) / 1e6
     return busy
-
-
-def _command(args: argparse.Namespace) -> str:
-    defaults = vars(_defaults())
-    given = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
-             if k in defaults and k != "inputs" and v != defaults[k]]  # fmt: skip
-    return " ".join([*map(shlex.quote, args.inputs), *given])
-
-
-def _defaults() -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args([])
 
 
 def _device() -> str:

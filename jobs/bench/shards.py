@@ -30,22 +30,8 @@ from quovadis.pipeline.shards import ShardConfig, ShardReader, ShardWriter, list
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".h265", ".m4v"}
 SEGMENT = 32  # frames per write call, like one decode chunk of the job
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("videos", nargs="*", type=Path, help=f"video files or folders (default {DEFAULT_VIDEOS})")
-    parser.add_argument("--compressions", default="none,lzf,gzip1,gzip4", help="comma-separated list")
-    parser.add_argument("--chunk-frames", default="1,2,4,8", help="comma-separated frames per chunk")
-    parser.add_argument("--max-seconds", type=float, default=12.0, help="decode at most this much of each video")
-    parser.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
-    parser.add_argument("--clips", type=int, default=100, help="random clips read per setting and repeat")
-    parser.add_argument("--repeat", type=int, default=2, help="measure each setting this often, keep the best")
-    parser.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
-    parser.add_argument("--workdir", type=Path, default=None, help="where to write shards (default a temp dir)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def _decode(path: Path, short_side: int, max_seconds: float) -> np.ndarray:
@@ -65,7 +51,6 @@ def _decode(path: Path, short_side: int, max_seconds: float) -> np.ndarray:
 
 
 def _video_paths(items: list[Path]) -> list[Path]:
-    items = items or [DEFAULT_VIDEOS]
     paths: list[Path] = []
     for item in items:
         if item.is_dir():
