@@ -1,4 +1,20 @@
-"""`quovadis train`: fine-tune one I3D stream (rgb or flow) on labelled videos, with Ray Train.
+"""`quovadis train`: train one of the paper's architectures (`--arch`, default one I3D stream, rgb or
+flow) on labelled videos, with Ray Train.
+
+Architectures (`models.archs.ARCHS`, the paper's section 2): `i3d` (one stream, `--stream rgb|flow`),
+`i3d-r50` (the inflated ResNet-50, RGB), `lstm` (ConvNet+LSTM, RGB; the loss is on every time step,
+the prediction the last step's), `c3d` (RGB), `two-stream` and `fused-3d` (RGB and flow together).
+Every architecture reads the same shards through `ShardDataset`, with its own sampling: `--clip-len`
+RGB frames `--frame-step` apart (defaults from ARCHS: 25 frames 5 apart for lstm, 16 for c3d, 1 for
+two-stream, 5 frames 10 apart for fused-3d, 64 for i3d) with their flow snippets, `--crop-size`
+(112 for c3d, 224 otherwise). Validation follows the architecture's test protocol
+(`jobs.evaluate.eval_dataset`).
+
+`--init`: `scratch` (every architecture); for i3d an I3D weights file, a checkpoint or
+`inflate:googlenet_bn.pt`; for i3d-r50 `inflate:FILE` written by `quovadis inflate --net resnet50`;
+for lstm, two-stream and fused-3d `imagenet:googlenet_bn.pt` (the ImageNet GoogLeNet-BN file
+`quovadis inflate` reads) for their 2D Inception-v1 trunks; for any architecture a checkpoint of
+the same architecture (a checkpoint of another one is refused, naming both).
 
 The run is a Ray Train `TorchTrainer` (DDP): one worker per GPU of the cluster, or ONE worker on a
 CPU-only machine, with the same command line both ways (`--address` joins a cluster; `RUN_DIR`
@@ -7,15 +23,15 @@ must then be a path every node sees, e.g. a shared file system).
 Training clips (the paper's recipe): one clip of `--clip-len` frames per video per epoch at a
 random temporal start, a random `--crop-size` square crop and a random horizontal flip (for flow
 the flip also negates the x component; `--no-flip` for classes that mirroring changes, such as
-left/right motions). Validation/evaluation: every clip of the video on a grid, centre crop, the
-clips' logits averaged per video (jobs/evaluate.py).
+left/right motions). Validation/evaluation: the architecture's test protocol, centre crop, the
+clips' logits averaged per video (jobs/evaluate.py; for i3d every clip of the video on a grid).
 
 RUN_DIR after each epoch (written by rank 0, each file atomically)::
 
     checkpoints/epoch-NNNN.pt  model, optimiser, scheduler, epoch, RNG states, config, metrics
                                history (the last --keep-checkpoints are kept)
-    model.pt                   the latest model + training config (models.weights.save_checkpoint):
-                               what `quovadis evaluate --rgb/--flow` takes
+    model.pt                   the latest model + training config, arch included (models.archs.save_model):
+                               what `quovadis evaluate` takes
     metrics.jsonl              one line per epoch (train loss/accuracy, whether precise BN ran, val
                                loss/top-1/top-5 and val_at_chance, lr, s)
     curves.png                 loss and accuracy curves
@@ -50,10 +66,11 @@ from quovadis.jobs.evaluate import eval_dataset, topk_accuracy, video_logits
 from quovadis.jobs.labels import LabelledVideo, load_labels
 from quovadis.jobs.report import JobReport
 from quovadis.jobs.runtime import init_ray, out_dir_lock
+from quovadis.models.archs import ARCHS, build, checkpoint_arch, load_model, model_inputs, save_model
 from quovadis.models.fast import PRECISIONS, autocast
 from quovadis.models.i3d import BN_MOMENTUM, InceptionI3d
-from quovadis.models.weights import IN_CHANNELS, load_checkpoint, read_state_dict, save_atomic, save_checkpoint
-from quovadis.pipeline import conventions
+from quovadis.models.inflate import i3d_resnet50
+from quovadis.models.weights import IN_CHANNELS, load_checkpoint, load_weights, read_state_dict, save_atomic
 from quovadis.pipeline.dataset import ShardDataset
 from quovadis.pipeline.durable import write_atomic, write_json_atomic, write_text_atomic
 from quovadis.pipeline.errors import ConfigError, QuovadisError, WeightsError
@@ -62,6 +79,14 @@ from quovadis.pipeline.manifest import load as manifest_load
 log = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
+# --stream of each architecture: i3d trains one stream; the others take what they were built for
+ARCH_STREAMS: dict[str, tuple[str, ...]] = {
+    "i3d": STREAMS, "i3d-r50": ("rgb",), "lstm": ("rgb",), "c3d": ("rgb",),
+    "two-stream": ("rgb+flow",), "fused-3d": ("rgb+flow",),
+}  # fmt: skip
+INIT_PREFIXES = {"inflate:": ("i3d", "i3d-r50"), "imagenet:": ("lstm", "two-stream", "fused-3d")}
+# Fields of runs saved before they existed, as those runs had them (--resume compares configs)
+OLD_RUN_FIELDS = {"arch": "i3d", "frame_step": 1}
 PRECISE_BN = ("auto", "on", "off")
 # auto: precise BN while the running statistics still hold more than this share of what they held
 # before training, (1 - BN_MOMENTUM) ** steps; at momentum 0.01 that is the first 298 steps.
@@ -82,17 +107,19 @@ class TrainConfig:
 
     data: str  # shard directory
     labels: str  # labels.csv
-    stream: str  # rgb | flow
+    stream: str  # rgb | flow for i3d; rgb (lstm, c3d, i3d-r50) or rgb+flow (two-stream, fused-3d): ARCH_STREAMS
     out: str  # RUN_DIR
-    init: str = "scratch"  # scratch | PATH (pytorch-i3d state dict or quovadis checkpoint) | inflate:2D.pt
+    init: str = "scratch"  # scratch | PATH (weights or checkpoint) | inflate:FILE | imagenet:FILE (module docstring)
+    arch: str = "i3d"  # a key of models.archs.ARCHS
     epochs: int = 10
     batch_size: int = 8
     lr: float = 0.01
     weight_decay: float = 1e-7
     momentum: float = 0.9
     optimizer: str = "sgd"
-    clip_len: int = conventions.CLIP_LEN
-    crop_size: int = conventions.CROP_SIZE
+    clip_len: int | None = None  # RGB frames per training clip (flow fields for an i3d flow run); None: ARCHS
+    crop_size: int | None = None  # None: ARCHS (224, 112 for c3d)
+    frame_step: int | None = None  # step between the RGB frames; None: ARCHS (5 lstm, 10 fused-3d, else 1)
     eval_stride: int | None = None  # validation clip stride (default clip_len)
     flip: bool = True
     dropout: float = 0.5
@@ -109,15 +136,23 @@ class TrainConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        if self.stream not in STREAMS:
-            raise ConfigError(f"--stream must be rgb or flow, got {self.stream!r}")
+        if self.arch not in ARCH_STREAMS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCH_STREAMS)}, got {self.arch!r}")
+        if self.stream not in ARCH_STREAMS[self.arch]:
+            allowed = " or ".join(ARCH_STREAMS[self.arch])
+            raise ConfigError(f"--arch {self.arch} takes --stream {allowed}, not {self.stream!r}"
+                              + (" (it is RGB-only)" if allowed == "rgb" else ""))  # fmt: skip
+        spec = ARCHS[self.arch]
+        for name, default in (("clip_len", spec.train_rgb), ("crop_size", spec.crop), ("frame_step", spec.frame_step)):
+            if getattr(self, name) is None:  # frozen: the architecture's default, resolved once
+                object.__setattr__(self, name, default)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precise_bn not in PRECISE_BN:
             raise ConfigError(f"--precise-bn must be one of {', '.join(PRECISE_BN)}, got {self.precise_bn!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("epochs", "batch_size", "clip_len", "crop_size", "keep_checkpoints"):
+        for name in ("epochs", "batch_size", "clip_len", "crop_size", "frame_step", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "cpus_per_worker", "eval_stride"):
@@ -130,9 +165,30 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0, momentum and dropout in [0, 1)")
         if self.loader_workers < 0:
             raise ConfigError(f"--loader-workers must be >= 0, got {self.loader_workers}")
-        init_file = self.init.removeprefix("inflate:")
+        prefix = next((p for p in INIT_PREFIXES if self.init.startswith(p)), "")
+        if prefix and self.arch not in INIT_PREFIXES[prefix]:
+            raise ConfigError(f"--init {prefix}FILE is for --arch {' or '.join(INIT_PREFIXES[prefix])}, not {self.arch}")
+        init_file = self.init.removeprefix(prefix)
         if self.init != "scratch" and not os.path.isfile(init_file):
-            raise ConfigError(f"--init must be scratch, inflate:2D.pt or a weights file; {init_file!r} does not exist")
+            raise ConfigError(f"--init must be scratch, a weights file, inflate:FILE or imagenet:FILE; {init_file!r} does not exist")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The ShardDataset streams this run reads, in the model's input order."""
+        return tuple(self.stream.split("+"))
+
+    @property
+    def span(self) -> int:
+        """Frames one training clip covers (ShardDataset.span)."""
+        return (self.clip_len - 1) * self.frame_step + ARCHS[self.arch].flow_per_frame
+
+    def arch_kwargs(self) -> dict[str, Any]:
+        """What `models.archs.build` needs besides the class count to rebuild this run's model."""
+        if self.arch == "c3d":
+            return {"clip_frames": self.clip_len, "crop": self.crop_size, "dropout": self.dropout}
+        if self.arch == "fused-3d":
+            return {"dropout": self.dropout}
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,8 +197,10 @@ class TrainConfig:
 # -- model, data, RNG ---------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
-    """The I3D to fine-tune, with a fresh `num_classes` classifier unless the init already has it."""
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The model to train, with a fresh `num_classes` classifier unless the init already has it."""
+    if cfg.arch != "i3d":
+        return _build_arch(cfg, num_classes)
     channels = IN_CHANNELS[cfg.stream]
     if cfg.init == "scratch":
         return InceptionI3d(num_classes=num_classes, in_channels=channels, dropout=cfg.dropout)
@@ -154,16 +212,16 @@ def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
         model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0], in_channels=channels, dropout=cfg.dropout)
         model.load_state_dict(state, strict=True)
     else:
+        found = checkpoint_arch(cfg.init)
+        if found is not None and found != "i3d":
+            raise WeightsError(f"--init {cfg.init} is a {found} checkpoint; it cannot initialise --arch i3d")
         try:
             model, _ = load_checkpoint(cfg.init)  # a quovadis checkpoint (e.g. an earlier fine-tune)
         except WeightsError:
             state = read_state_dict(cfg.init)  # a pytorch-i3d layout state dict (rgb_imagenet.pt, ...)
             logits = state.get("logits.conv3d.weight")
             classes = logits.shape[0] if logits is not None and logits.ndim == 5 else 400
-            model = InceptionI3d(num_classes=classes, in_channels=channels, dropout=cfg.dropout)
-            from quovadis.models.weights import load_weights
-
-            load_weights(model, state)
+            model = load_weights(InceptionI3d(num_classes=classes, in_channels=channels, dropout=cfg.dropout), state)
         if not isinstance(model, InceptionI3d) or model.in_channels != channels:
             raise WeightsError(f"--init {cfg.init}: not a {cfg.stream} I3D ({channels} input channels)")
         loaded, model = model, InceptionI3d(num_classes=model.num_classes, in_channels=channels, dropout=cfg.dropout)
@@ -171,6 +229,52 @@ def build_model(cfg: TrainConfig, num_classes: int) -> InceptionI3d:
     if model.num_classes != num_classes:
         model.replace_logits(num_classes)
     return model
+
+
+def _build_arch(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """A model of one of the baselines or I3D-ResNet-50, from scratch, from ImageNet/inflated
+    weights (`--init imagenet:`/`inflate:`), or from a checkpoint of the same architecture."""
+    kwargs = cfg.arch_kwargs()
+    if cfg.init.startswith("imagenet:"):
+        from quovadis.models.googlenet import read_googlenet
+
+        model = build(cfg.arch, num_classes=num_classes, **kwargs)
+        model.load_imagenet(read_googlenet(cfg.init.removeprefix("imagenet:")))
+        return model
+    if cfg.init.startswith("inflate:"):  # i3d-r50: `quovadis inflate --net resnet50` output
+        path = cfg.init.removeprefix("inflate:")
+        state = read_state_dict(path)
+        fc = state.get("fc.weight")
+        if fc is None or fc.ndim != 2:
+            raise WeightsError(f"--init {cfg.init}: {path} has no 2D fc.weight; not written by quovadis inflate --net resnet50")
+        model = load_weights(i3d_resnet50(num_classes=fc.shape[0]), state)
+        if model.num_classes != num_classes:
+            model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+            model.num_classes = num_classes
+        return model
+    if cfg.init == "scratch":
+        return build(cfg.arch, num_classes=num_classes, **kwargs)
+    if checkpoint_arch(cfg.init) is None:
+        raise WeightsError(f"--init {cfg.init}: not a quovadis checkpoint; --arch {cfg.arch} starts from scratch, "
+                           "a checkpoint of its own, or the ImageNet/inflated file its module docstring names")  # fmt: skip
+    loaded, _ = load_model(cfg.init, arch=cfg.arch)
+    if loaded.num_classes != num_classes:
+        raise ConfigError(f"--init {cfg.init} has {loaded.num_classes} classes, the labels {num_classes}")
+    model = build(cfg.arch, num_classes=num_classes, **kwargs)  # this run's dropout and sizes
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model
+
+
+class EveryStep(torch.nn.Module):
+    """The ConvNet+LSTM returning every time step's logits (N, T, classes), so the training loss is
+    on all of them (the paper's section 2.1) and DDP still wraps one forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.per_time_logits(x)
 
 
 def _seed(*parts: int) -> int:
@@ -209,10 +313,12 @@ def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world: int) -> list
 
 
 def train_dataset(cfg: TrainConfig, videos: list[LabelledVideo]) -> ShardDataset:
-    """One clip per video: random start, random crop, random flip (flow x negated when flipped)."""
+    """One clip per video: random start, random crop, random flip (flow x negated when flipped),
+    in the architecture's sampling."""
     return ShardDataset(
-        cfg.data, clip_len=cfg.clip_len, streams=(cfg.stream,), crop="random", crop_size=cfg.crop_size,
+        cfg.data, clip_len=cfg.clip_len, streams=cfg.streams, crop="random", crop_size=cfg.crop_size,
         flip=cfg.flip, temporal="random", videos=[v.input for v in videos], seed=cfg.seed,
+        frame_step=cfg.frame_step, flow_per_frame=ARCHS[cfg.arch].flow_per_frame,
     )  # fmt: skip
 
 
@@ -287,10 +393,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path, *, size: tuple[int, i
 def model_config(cfg: TrainConfig, classes: tuple[str, ...], epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint carries so `evaluate` needs no repeated flags."""
     return {
+        "arch": cfg.arch,
         "stream": cfg.stream,
         "clip_len": cfg.clip_len,
         "crop_size": cfg.crop_size,
-        "eval_stride": cfg.eval_stride or cfg.clip_len,
+        "frame_step": cfg.frame_step,
+        "eval_stride": cfg.eval_stride or cfg.span,
         "classes": list(classes),
         "epoch": epoch,
         "metrics": metrics,
@@ -299,8 +407,8 @@ def model_config(cfg: TrainConfig, classes: tuple[str, ...], epoch: int, metrics
 
 
 @torch.no_grad()
-def recalibrate_bn(model: torch.nn.Module, loader, *, stream: str, device: torch.device, precision: str,
-                   world: int = 1) -> None:  # fmt: skip
+def recalibrate_bn(model: torch.nn.Module, loader, *, arch: str, streams: tuple[str, ...], device: torch.device,
+                   precision: str, world: int = 1) -> None:  # fmt: skip
     """"Precise BN": replace BatchNorm running statistics by their plain average over `loader`'s
     clips under the final weights of the epoch (averaged over ranks).
 
@@ -316,8 +424,9 @@ def recalibrate_bn(model: torch.nn.Module, loader, *, stream: str, device: torch
     was_training = model.training
     model.train()
     for batch in loader:
+        inputs = model_inputs(arch, {s: batch[s].to(device, non_blocking=True) for s in streams}, streams)
         with autocast(device, precision):
-            model(batch[stream].to(device, non_blocking=True))
+            model(*inputs)
     model.train(was_training)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
@@ -401,15 +510,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # the last epoch no later epoch would rewrite them
             _write_outputs(run_dir, cfg, classes, model, start_epoch, history)
         log.info("resumed from %s after epoch %d", resume_from, start_epoch)
-    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1, else the model itself
+    # DDP when world > 1, else the model itself; the LSTM's forward gives every step's logits
+    ddp_model = ray.train.torch.prepare_model(EveryStep(model) if cfg.arch == "lstm" else model)
+    streams = cfg.streams
 
     train_ds = train_dataset(cfg, train_videos)
-    val_ds = (
-        eval_dataset(cfg.data, val_videos, stream=cfg.stream, clip_len=cfg.clip_len, crop_size=cfg.crop_size,
-                     stride=cfg.eval_stride)  # fmt: skip
-        if val_videos and rank == 0
-        else None
-    )
+    val_ds = eval_dataset(cfg.data, val_videos, model_config(cfg, classes, 0, {})) if val_videos and rank == 0 else None
     val_truth = {v.input: v.label for v in val_videos}
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -425,11 +531,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, correct, seen = torch.zeros((), dtype=torch.float64), 0, 0
         lr = optimizer.param_groups[0]["lr"]
         for batch in loader:
-            x = batch[cfg.stream].to(device, non_blocking=True)  # (N, C, T, h, w)
+            x = {s: batch[s].to(device, non_blocking=True) for s in streams}  # (N, C, T, h, w) each
             y = torch.tensor([label_of[v] for v in batch["video"]], device=device)
             with autocast(device, cfg.precision):
-                logits = ddp_model(x)  # (N, classes)
-            loss = F.cross_entropy(logits.float(), y)
+                out = ddp_model(*model_inputs(cfg.arch, x, streams))  # (N, classes); lstm (N, T, classes)
+            if out.ndim == 3:  # the loss on every time step, the prediction the last one's
+                loss = F.cross_entropy(out.flatten(0, 1).float(), y.repeat_interleave(out.shape[1]))
+                logits = out[:, -1]
+            else:
+                loss, logits = F.cross_entropy(out.float(), y), out
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -440,7 +550,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.step()
         recalibrated = precise_bn_due(cfg.precise_bn, epoch * len(loader))  # every epoch takes len(loader) steps
         if recalibrated:
-            recalibrate_bn(model, loader, stream=cfg.stream, device=device, precision=cfg.precision, world=world)
+            recalibrate_bn(model, loader, arch=cfg.arch, streams=streams, device=device, precision=cfg.precision,
+                           world=world)  # fmt: skip
         totals = torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64)
         if world > 1:
             import torch.distributed as dist
@@ -456,7 +567,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if rank == 0:
             if val_ds is not None:
-                logits_of = video_logits(model, val_ds, stream=cfg.stream, batch_size=cfg.batch_size,
+                logits_of = video_logits(model, val_ds, arch=cfg.arch, streams=streams, batch_size=cfg.batch_size,
                                          device=device, precision=cfg.precision)  # fmt: skip
                 names = sorted(logits_of)
                 vl = torch.from_numpy(np.stack([logits_of[v] for v in names]))
@@ -480,7 +591,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float)})
 
 
-def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: InceptionI3d, optimizer,
+def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: torch.nn.Module, optimizer,
                 scheduler, scaler, epoch: int, history: list[dict[str, Any]]) -> None:  # fmt: skip
     """Checkpoint first (the resume point), then model.pt, metrics.jsonl and the plot."""
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -502,10 +613,11 @@ def _save_epoch(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model
     _write_outputs(run_dir, cfg, classes, model, epoch, history)
 
 
-def _write_outputs(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: InceptionI3d, epoch: int,
+def _write_outputs(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], model: torch.nn.Module, epoch: int,
                    history: list[dict[str, Any]]) -> None:  # fmt: skip
     """model.pt, metrics.jsonl and the plot, all derived from the epoch's checkpoint."""
-    save_checkpoint(run_dir / MODEL_NAME, model, model_config(cfg, classes, epoch, history[-1]))
+    save_model(run_dir / MODEL_NAME, model, arch=cfg.arch, arch_kwargs=cfg.arch_kwargs(),
+               config=model_config(cfg, classes, epoch, history[-1]))  # fmt: skip
     write_metrics(run_dir, history)
     plot_curves(history, run_dir / PLOT_NAME)
 
@@ -515,12 +627,13 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, classes: tuple[str, ...], mo
 
 def _check_streams(cfg: TrainConfig, videos: list[LabelledVideo]) -> None:
     entries = manifest_load(Path(cfg.data))
-    lacking = [v.input for v in videos if cfg.stream not in entries[v.input].info.get("streams", ["rgb"])]
-    if lacking:
-        raise ConfigError(
-            f"{len(lacking)} labelled videos have no {cfg.stream} stored in {cfg.data} "
-            f"(preprocess with --streams rgb,flow): {lacking[:5]}"
-        )
+    for stream in cfg.streams:
+        lacking = [v.input for v in videos if stream not in entries[v.input].info.get("streams", ["rgb"])]
+        if lacking:
+            raise ConfigError(
+                f"{len(lacking)} labelled videos have no {stream} stored in {cfg.data} "
+                f"(preprocess with --streams rgb,flow): {lacking[:5]}"
+            )
 
 
 def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
@@ -532,13 +645,24 @@ def _resume_point(cfg: TrainConfig, resume: bool) -> Path | None:
         return None
     if not resume:
         raise ConfigError(f"{run_dir} already holds a training run ({latest.name}); pass --resume or another --out")
-    saved = load_state(latest)["config"]["train_config"]
+    saved = _as_saved_today(load_state(latest)["config"]["train_config"])
+    if saved["arch"] != cfg.arch:
+        raise ConfigError(f"{latest} is a {saved['arch']} run; it cannot be resumed as --arch {cfg.arch}")
     differ = {
         k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and saved.get(k) != v
     }
     if differ:
         raise ConfigError(f"--resume with settings that differ from the run in {run_dir} (was, now): {differ}")
     return latest
+
+
+def _as_saved_today(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's train config in today's terms: fields it predates as it had them
+    (OLD_RUN_FIELDS), and --precise-bn as a mode (runs before the modes saved True/False)."""
+    saved = {**OLD_RUN_FIELDS, **saved}
+    if isinstance(saved.get("precise_bn"), bool):
+        saved["precise_bn"] = "on" if saved["precise_bn"] else "off"
+    return saved
 
 
 def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int | None]:
@@ -582,8 +706,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
         from ray.train.torch import TorchTrainer
 
         workers, use_gpu, resources, threads = _scaling(cfg)
-        log.info("training %s I3D on %d videos (%d val, %d classes) with %d Ray Train worker(s)%s",
-                 cfg.stream, len(train_videos), len(val_videos), len(labels.classes), workers,
+        log.info("training %s %s on %d videos (%d val, %d classes) with %d Ray Train worker(s)%s",
+                 cfg.arch, cfg.stream, len(train_videos), len(val_videos), len(labels.classes), workers,
                  " on GPUs" if use_gpu else " on CPU")  # fmt: skip
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -622,8 +746,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
     p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
-    p.add_argument("--stream", required=True, choices=STREAMS, help="which I3D stream to train")
-    p.add_argument("--init", default="scratch", help="scratch | PATH (I3D weights or checkpoint) | inflate:2D.pt (default scratch)")
+    p.add_argument("--arch", default="i3d", choices=tuple(ARCH_STREAMS),
+                   help="the paper's architecture to train (default i3d); i3d-r50 is the inflated ResNet-50")
+    p.add_argument("--stream", default=None, choices=("rgb", "flow", "rgb+flow"),
+                   help="i3d: which stream to train (required); lstm, c3d, i3d-r50: rgb; two-stream, fused-3d: rgb+flow "
+                        "(the default for those)")  # fmt: skip
+    p.add_argument("--init", default="scratch",
+                   help="scratch | PATH (I3D weights, or a checkpoint of the same --arch) | inflate:FILE (i3d: a GoogLeNet-BN; "
+                        "i3d-r50: quovadis inflate --net resnet50 output) | imagenet:FILE (lstm, two-stream, fused-3d: "
+                        "ImageNet GoogLeNet-BN for the 2D trunks) (default scratch)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, model.pt, metrics.jsonl, curves.png")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8, help="clips per step per worker (default 8)")
@@ -631,8 +762,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-7)
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN, help="frames per training clip (default 64)")
-    p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE, help="square crop in px (default 224)")
+    p.add_argument("--clip-len", type=int, default=None,
+                   help="RGB frames per training clip (default per --arch: i3d 64, lstm 25, c3d 16, two-stream 1, fused-3d 5)")
+    p.add_argument("--frame-step", type=int, default=None,
+                   help="frames between the RGB frames of a clip, at 25 fps (default per --arch: lstm 5, fused-3d 10, else 1)")
+    p.add_argument("--crop-size", type=int, default=None, help="square crop in px (default per --arch: 224, c3d 112)")
     p.add_argument("--eval-stride", type=int, default=None, help="validation clip stride (default: clip length)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (classes that mirroring changes)")
     p.add_argument("--dropout", type=float, default=0.5)
@@ -654,7 +788,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if values["stream"] is None:
+        if args.arch == "i3d":
+            raise ConfigError("--arch i3d trains one stream: give --stream rgb or --stream flow")
+        values["stream"] = ARCH_STREAMS[args.arch][0]
+    return TrainConfig(**values)
 
 
 def run(args: argparse.Namespace) -> JobReport:

@@ -29,7 +29,14 @@ from quovadis.models.i3d import InceptionI3d, TwoStreamI3D
 from quovadis.models.inflate import i3d_resnet50
 from quovadis.models.lstm import ConvNetLSTM
 from quovadis.models.two_stream import TwoStream2D
-from quovadis.models.weights import CHECKPOINT_FORMAT, load_checkpoint, load_weights, save_atomic, save_checkpoint
+from quovadis.models.weights import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_atomic,
+    save_checkpoint,
+)
 from quovadis.pipeline.errors import WeightsError
 
 ARCH_CHECKPOINT_FORMAT = "quovadis-arch"
@@ -110,10 +117,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, *, arch: str, arch_kwa
 def checkpoint_arch(path: str | os.PathLike) -> str | None:
     """The architecture a quovadis checkpoint holds (`i3d` for those from before --arch), or None
     for any other file (a plain state dict, ...)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    data = read_checkpoint(path)
     if not isinstance(data, dict):
         return None
     if data.get("format") == CHECKPOINT_FORMAT:
@@ -125,12 +129,7 @@ def checkpoint_arch(path: str | os.PathLike) -> str | None:
 def load_model(path: str | os.PathLike, arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on the CPU, config) from a `save_model` file; with `arch`, a checkpoint
     of another architecture raises WeightsError naming both."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError(f"checkpoint {path} does not exist") from e
-    except Exception as e:
-        raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    data = read_checkpoint(path)
     kind = data.get("format") if isinstance(data, dict) else None
     if kind == CHECKPOINT_FORMAT:
         model, config = load_checkpoint(path)

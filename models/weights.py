@@ -273,14 +273,19 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
         raise WeightsError(f"cannot write {path}: {e.strerror or e}") from e
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[InceptionI3d | TwoStreamI3D, dict[str, Any]]:
-    """(model in eval mode on the CPU, config) from a `save_checkpoint` file."""
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) of a checkpoint file onto the CPU; errors name the file."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise WeightsError(f"checkpoint {path} does not exist") from e
     except Exception as e:
         raise WeightsError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[InceptionI3d | TwoStreamI3D, dict[str, Any]]:
+    """(model in eval mode on the CPU, config) from a `save_checkpoint` file."""
+    data = read_checkpoint(path)
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a quovadis I3D checkpoint (see save_checkpoint)")
     if data.get("version") != CHECKPOINT_VERSION:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -69,6 +70,12 @@ def test_two_stream_fusion(work, tmp_path):
         per_clip = model(torch.stack([clips[i]["flow"] for i in range(len(clips))]))  # (clips, classes)
     np.testing.assert_allclose(result["logits"]["flow"][videos[0]], per_clip.mean(0).numpy(), rtol=1e-5, atol=1e-5)
 
+    # the same runs given as RUN_DIRs: the same rows, named by stream, and the fused row of the two
+    by_run = evaluate(EvaluateConfig(data=str(shards), labels=str(labels), runs=(str(rgb_run), str(flow_run))))
+    assert by_run["rows"] == ["rgb", "flow", "fused"] and by_run["fused"]["of"] == ["rgb", "flow"]
+    assert all(by_run[k]["top1"] == result[k]["top1"] for k in by_run["rows"])
+    assert by_run["flow"]["test"] == "grid: 16 frames 1 apart, 48 clips"  # 20-frame videos: clips at 0 and 16
+
     # either checkpoint alone works
     flow_only = evaluate(EvaluateConfig(data=str(shards), labels=str(labels), flow=args.flow))
     assert set(flow_only) & {"rgb", "flow", "fused"} == {"flow"}
@@ -93,3 +100,17 @@ def test_labels_not_matching_any_video(work):
     unknown.write_text("videos/val_up_00.mp4,sideways\n")
     with pytest.raises(ConfigError, match=r"labels \['sideways'\] are not classes of the model"):
         evaluate(EvaluateConfig(data=str(shards), labels=str(unknown), flow=str(flow_run / "model.pt")))
+
+
+def test_comparison_table_and_bar_chart(tmp_path):
+    result = {"rows": ["lstm", "rgb", "fused"],
+              "lstm": {"arch": "lstm", "stream": "rgb", "top1": 0.25, "top5": 1.0, "videos": 8},
+              "rgb": {"arch": "i3d", "stream": "rgb", "top1": 1.0, "top5": 1.0, "videos": 8},
+              "fused": {"arch": "i3d", "stream": "rgb+flow", "top1": 0.5, "top5": 1.0, "videos": 8}}  # fmt: skip
+    lines = evaluate_job.format_table(result).splitlines()
+    assert lines[1].split() == ["lstm", "lstm", "rgb", "25.00%", "100.00%", "8"] and lines[3].startswith("fused")
+    img = cv2.imread(str(evaluate_job.plot_bars(result, tmp_path / "acc.png")))
+    assert img.shape == (360, 420, 3)
+    top1 = (img[..., 0] > 150) & (img[..., 1] < 120) & (img[..., 2] < 100)  # dark bars (BGR 200, 90, 30)
+    heights = [int(top1[:, x0:x0 + 60].any(1).sum()) for x0 in (55 + 15, 55 + 15 + 117, 55 + 15 + 234)]
+    assert heights[1] > 3 * heights[0] and heights[1] > heights[2] > heights[0] > 0  # 1.0 > 0.5 > 0.25

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,9 +17,13 @@ import pytest
 import torch
 
 from quovadis.jobs.train import (
+    STATE_FORMAT,
     TrainConfig,
+    _resume_point,
+    add_arguments,
     at_chance,
     build_model,
+    config_from_args,
     epoch_order,
     latest_checkpoint,
     load_state,
@@ -28,6 +33,8 @@ from quovadis.jobs.train import (
     train_dataset,
 )
 from quovadis.jobs.labels import load_labels
+from quovadis.models.archs import build, load_model, save_model
+from quovadis.models.i3d import InceptionI3d
 from quovadis.models.googlenet import GoogLeNetBN, read_googlenet
 from quovadis.models.inflate import i3d_from_googlenet
 from quovadis.models.weights import load_checkpoint, load_i3d, save_checkpoint
@@ -227,9 +234,9 @@ def test_labels_matching_no_video_is_a_clear_error(work, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _init_cfg(tmp_path: Path, stream: str, init: str) -> TrainConfig:
+def _init_cfg(tmp_path: Path, stream: str, init: str, arch: str = "i3d") -> TrainConfig:
     return TrainConfig(data=str(tmp_path), labels=str(tmp_path / "labels.csv"), stream=stream, out=str(tmp_path / "run"),
-                       init=init)  # fmt: skip
+                       init=init, arch=arch)  # fmt: skip
 
 
 def test_init_from_pytorch_i3d_weights_keeps_all_but_the_classifier(tmp_path):
@@ -262,3 +269,93 @@ def test_init_from_our_checkpoint_and_from_inflated_googlenet(tmp_path):
     for missing in (str(tmp_path / "nope.pt"), f"inflate:{tmp_path / 'nope.pt'}"):  # refused before Ray starts
         with pytest.raises(ConfigError, match="nope.pt' does not exist"):
             _init_cfg(tmp_path, "rgb", missing)
+
+
+def test_arch_streams_and_sampling_defaults(tmp_path):
+    """--arch picks its streams and the paper's sampling (models.archs.ARCHS) unless overridden."""
+    def cfg(**kw) -> TrainConfig:
+        return TrainConfig(data=str(tmp_path), labels=str(tmp_path / "labels.csv"), out=str(tmp_path / "run"), **kw)
+
+    lstm = cfg(arch="lstm", stream="rgb")
+    assert (lstm.clip_len, lstm.frame_step, lstm.crop_size, lstm.streams) == (25, 5, 224, ("rgb",))
+    assert (cfg(arch="c3d", stream="rgb").crop_size, cfg(stream="flow").clip_len) == (112, 64)
+    fused = cfg(arch="fused-3d", stream="rgb+flow", clip_len=2)
+    assert (fused.frame_step, fused.span, fused.streams) == (10, 20, ("rgb", "flow"))  # 2 frames 10 apart, 10 fields each
+    with pytest.raises(ConfigError, match="--arch lstm takes --stream rgb, not 'flow' .it is RGB-only"):
+        cfg(arch="lstm", stream="flow")
+    with pytest.raises(ConfigError, match="--arch c3d takes --stream rgb"):
+        cfg(arch="c3d", stream="flow")
+    with pytest.raises(ConfigError, match="two-stream takes --stream rgb\\+flow"):
+        cfg(arch="two-stream", stream="rgb")
+    with pytest.raises(ConfigError, match="imagenet:FILE is for --arch lstm or two-stream or fused-3d, not c3d"):
+        cfg(arch="c3d", stream="rgb", init="imagenet:x.pt")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--data", str(tmp_path), "--labels", "l.csv", "--out", str(tmp_path / "r")]
+    assert config_from_args(parser.parse_args([*base, "--arch", "two-stream"])).stream == "rgb+flow"
+    assert config_from_args(parser.parse_args([*base, "--arch", "lstm", "--clip-len", "3"])).clip_len == 3
+    with pytest.raises(ConfigError, match="give --stream rgb or --stream flow"):
+        config_from_args(parser.parse_args(base))
+
+
+def test_checkpoints_record_their_arch_and_refuse_another(tmp_path):
+    torch.manual_seed(0)
+    lstm = build("lstm", num_classes=2)
+    save_model(tmp_path / "lstm.pt", lstm, arch="lstm", arch_kwargs={}, config={"stream": "rgb"})
+    loaded, config = load_model(tmp_path / "lstm.pt")
+    assert config["arch"] == "lstm" and isinstance(loaded, type(lstm))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lstm.state_dict().values()))
+    with pytest.raises(WeightsError, match="lstm.pt is a lstm checkpoint; it cannot be loaded as c3d"):
+        load_model(tmp_path / "lstm.pt", arch="c3d")
+    for arch, stream in (("c3d", "rgb"), ("i3d", "rgb")):  # --init with another architecture's checkpoint
+        with pytest.raises(WeightsError, match=f"is a lstm checkpoint.* {arch}"):
+            build_model(_init_cfg(tmp_path, stream, str(tmp_path / "lstm.pt"), arch=arch), num_classes=2)
+    again = build_model(_init_cfg(tmp_path, "rgb", str(tmp_path / "lstm.pt"), arch="lstm"), num_classes=2)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), lstm.state_dict().values()))
+    # an I3D checkpoint saved before --arch (no "arch" in its config) reads as i3d
+    save_checkpoint(tmp_path / "old.pt", InceptionI3d(num_classes=2), {"stream": "rgb"})
+    assert load_model(tmp_path / "old.pt", arch="i3d")[1] == {"stream": "rgb"}
+    with pytest.raises(WeightsError, match="old.pt is a i3d checkpoint; it cannot be loaded as lstm"):
+        build_model(_init_cfg(tmp_path, "rgb", str(tmp_path / "old.pt"), arch="lstm"), num_classes=2)
+
+
+def test_resume_maps_runs_saved_before_arch_and_precise_bn_modes(tmp_path):
+    """A run saved when --precise-bn was a flag (True/False) and before --arch resumes with the
+    matching mode; another mode, or another architecture, is refused naming both."""
+    cfg = TrainConfig(data=str(tmp_path), labels=str(tmp_path / "labels.csv"), out=str(tmp_path / "run"),
+                      **{**TRAIN_SETTINGS, "precise_bn": "on"})  # fmt: skip
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("arch", "frame_step")}
+    state = {"format": STATE_FORMAT, "config": {"train_config": {**old, "precise_bn": True}}}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "run" / "checkpoints" / "epoch-0001.pt")
+    assert _resume_point(cfg, True).name == "epoch-0001.pt"
+    with pytest.raises(ConfigError, match=r"'precise_bn': \('on', 'auto'\)"):
+        _resume_point(TrainConfig(**{**cfg.to_dict(), "precise_bn": "auto"}), True)
+    lstm = TrainConfig(**{**cfg.to_dict(), "arch": "lstm", "stream": "rgb"})
+    with pytest.raises(ConfigError, match="epoch-0001.pt is a i3d run; it cannot be resumed as --arch lstm"):
+        _resume_point(lstm, True)
+
+
+def test_init_imagenet_trunks_and_inflated_resnet50(tmp_path):
+    """--init imagenet:GOOGLENET fills the 2D Inception-v1 of lstm (and two-stream, fused-3d);
+    --init inflate:FILE of i3d-r50 is `quovadis inflate --net resnet50`'s output, classifier replaced."""
+    torch.manual_seed(0)
+    googlenet = GoogLeNetBN(num_classes=1000)
+    torch.save(googlenet.state_dict(), tmp_path / "googlenet_bn.pt")
+    lstm = build_model(_init_cfg(tmp_path, "rgb", f"imagenet:{tmp_path / 'googlenet_bn.pt'}", arch="lstm"), num_classes=3)
+    reference = googlenet.state_dict()
+    for name, tensor in lstm.cnn.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert lstm.fc.out_features == 3
+
+    from quovadis.models.inflate import i3d_resnet50
+    from quovadis.models.resnet import ResNet50
+
+    resnet = ResNet50(num_classes=1000)
+    torch.save(i3d_resnet50(resnet.state_dict()).state_dict(), tmp_path / "i3d_r50.pt")  # as quovadis inflate writes it
+    r50 = build_model(_init_cfg(tmp_path, "rgb", f"inflate:{tmp_path / 'i3d_r50.pt'}", arch="i3d-r50"), num_classes=3)
+    expected = torch.load(tmp_path / "i3d_r50.pt", weights_only=True)
+    assert r50.num_classes == 3 and r50.fc.out_features == 3
+    for name, tensor in r50.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, expected[name]), name
