@@ -24,16 +24,30 @@ CLASSES = tuple(sorted(DIRECTIONS))
 
 
 def motion_frames(direction: str, rng: np.random.Generator, *, size: int = 64, frames: int = 20,
-                  speed: float = 1.5) -> np.ndarray:  # fmt: skip
+                  speed: float = 1.5, texture: str = "blocks") -> np.ndarray:  # fmt: skip
     """uint8 (frames, size, size, 3): the view pans `speed` px/frame over a random textured scene,
-    so the scene moves the other way on screen; `direction` is where the scene content moves."""
+    so the scene moves the other way on screen; `direction` is where the scene content moves.
+
+    `texture="ramp"`: the texture is smooth and, under it, red rises and blue falls from left to
+    right across the whole scene, so where the view is shows in every frame and its colour drifts
+    one way or the other over time: order-sensitive RGB models from scratch (ConvNet+LSTM, C3D,
+    I3D) learn the direction from a dozen videos, which they did not from the blocks."""
     dx, dy = DIRECTIONS[direction]
     travel = int(np.ceil(speed * (frames - 1))) + 2
     side = size + travel
-    blocks = rng.integers(0, 2, (side // 4 + 1, side // 4 + 1, 1)) * rng.uniform(60, 255, (1, 1, 3))
-    scene = cv2.resize(blocks.astype(np.float32), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)[:side, :side]
-    tint = cv2.resize(rng.uniform(0, 120, (4, 4, 3)).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
-    scene = np.clip(0.6 * scene + tint, 0, 255)
+    if texture == "ramp":
+        smooth = rng.uniform(0, 255, (side // 4 + 2, side // 4 + 2, 3)).astype(np.float32)
+        smooth = cv2.resize(smooth, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)[:side, :side]
+        ramp = np.linspace(0, 255, side, dtype=np.float32)
+        ramp = ramp[None, :] if dx else ramp[:, None]  # along the motion
+        smooth[..., 0] = 0.7 * ramp + 0.3 * smooth[..., 0]
+        smooth[..., 2] = 0.7 * (255 - ramp) + 0.3 * smooth[..., 2]
+        scene = np.clip(smooth, 0, 255)
+    else:
+        blocks = rng.integers(0, 2, (side // 4 + 1, side // 4 + 1, 1)) * rng.uniform(60, 255, (1, 1, 3))
+        scene = cv2.resize(blocks.astype(np.float32), None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)[:side, :side]
+        tint = cv2.resize(rng.uniform(0, 120, (4, 4, 3)).astype(np.float32), (side, side), interpolation=cv2.INTER_CUBIC)
+        scene = np.clip(0.6 * scene + tint, 0, 255)
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
         shift = speed * t  # content moves +shift along (dx, dy), so the window moves -shift
@@ -57,7 +71,8 @@ def encode(path: Path, frames: np.ndarray, fps: int = 25) -> Path:
 
 
 def make_motion_dataset(root: Path, *, train_per_class: int = 8, val_per_class: int = 6, seed: int = 0,
-                        size: int = 64, frames: int = 20, classes: tuple[str, ...] = CLASSES) -> Path:  # fmt: skip
+                        size: int = 64, frames: int = 20, classes: tuple[str, ...] = CLASSES,
+                        texture: str = "blocks") -> Path:  # fmt: skip
     """Videos under root/videos and root/labels.csv (`video,label,split`, paths relative to root).
 
     Returns the labels.csv path.
@@ -70,7 +85,7 @@ def make_motion_dataset(root: Path, *, train_per_class: int = 8, val_per_class: 
             for label in classes:
                 name = f"videos/{split}_{label}_{i:02d}.mp4"
                 speed = rng.uniform(1.5, 2.5)
-                encode(root / name, motion_frames(label, rng, size=size, frames=frames, speed=speed))
+                encode(root / name, motion_frames(label, rng, size=size, frames=frames, speed=speed, texture=texture))
                 rows.append((name, label, split))
     labels = root / "labels.csv"
     with open(labels, "w", newline="") as f:
@@ -105,6 +120,13 @@ def left_right_shards(root: Path) -> tuple[Path, Path]:
     class), made once per test session under `root`."""
     return _preprocessed_dataset(root, "left_right", train_per_class=6, val_per_class=4, seed=1,
                                  classes=("left", "right"))  # fmt: skip
+
+
+def ramp_shards(root: Path) -> tuple[Path, Path]:
+    """(labels.csv, shard dir) of left vs right over ramp scenes (`motion_frames(texture="ramp")`, 6
+    train and 4 val videos per class), made once per test session under `root`."""
+    return _preprocessed_dataset(root, "ramp", train_per_class=6, val_per_class=4, seed=2, classes=("left", "right"),
+                                 texture="ramp")  # fmt: skip
 
 
 def _preprocessed_dataset(root: Path, name: str, **dataset_kwargs) -> tuple[Path, Path]:
