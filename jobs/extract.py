@@ -56,7 +56,7 @@ from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
 from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_placement, flow_on_gpu, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
+from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
 from quovadis.models.predictor import I3DPredictor, PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
 from quovadis.pipeline import conventions, durable, features, manifest
@@ -213,6 +213,8 @@ def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, st
             log.info("%d inputs already in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo or stored:
             init_ray(cfg.address)
+            if cfg.address:  # a cluster: every node must write into the same OUT
+                check_shared_out(out)
             attrs = _common_attrs(cfg, weights, sha256)
             if labels is not None and cfg.format == "npy":
                 features.write_labels(out, labels)

@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, init_ray, out_dir_lock
+from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
@@ -119,6 +119,8 @@ def preprocess(
             log.info("%d inputs already recorded in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo:
             init_ray(cfg.address)
+            if cfg.address:  # a cluster: every node must write into the same OUT
+                check_shared_out(out)
             with contextlib.nullcontext(progress) if progress else Progress("preprocess") as bar:
                 scheduler = _Scheduler(cfg, out, report, before_video, bar, counts_done=progress is None)
                 scheduler.run(todo)

@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -18,6 +19,7 @@ from quovadis.pipeline.errors import LockError, QuovadisError
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".quovadis.lock"
+_MARKER = ".quovadis-shared-"  # check_shared_out's files, removed when it returns
 
 
 # Ray's retries of work lost with a process (a worker, an actor, a node): tasks are resubmitted and
@@ -83,6 +85,51 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((m[1], int(m[2])), timeout=timeout_s).close()
     except OSError as e:
         raise QuovadisError(f"cannot join the Ray cluster at {address}: {e.strerror or e}") from e
+
+
+def check_shared_out(out_dir: Path) -> None:
+    """Fail fast unless every node of the cluster sees `out_dir` and can write there: the workers
+    write shards and features where their data is, so OUT must be one shared file system path.
+
+    The driver leaves a marker with a random token in `out_dir`; a task on each node reads it back
+    and writes a file of its own (a node with another directory of that name has no marker)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    marker = out_dir / f"{_MARKER}{token}"
+    marker.write_text(token)
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=TASK_RETRIES)(out_dir_problem)
+        refs = {
+            node["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(out_dir), token)
+            for node in ray.nodes() if node["Alive"]
+        }  # fmt: skip
+        problems = [f"node {node[:12]} {problem}" for node, problem in zip(refs, ray.get(list(refs.values()))) if problem]
+    finally:
+        marker.unlink(missing_ok=True)
+    if problems:
+        raise QuovadisError(
+            f"--out {out_dir} must be one directory that every node of the cluster sees and can write "
+            f"(a shared file system): {'; '.join(problems)}"
+        )
+
+
+def out_dir_problem(out_dir: str, token: str) -> str | None:
+    """Why this process's node cannot use `out_dir` as the job's output directory, or None."""
+    try:
+        seen = (Path(out_dir) / f"{_MARKER}{token}").read_text()
+    except OSError as e:
+        return f"does not see the driver's {out_dir} ({e.strerror or e})"
+    if seen != token:
+        return f"has another {out_dir} than the driver"
+    probe = Path(out_dir) / f"{_MARKER}{token}-{socket.gethostname()}-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write in {out_dir} ({e.strerror or e})"
+    return None
 
 
 @contextmanager

@@ -18,8 +18,9 @@ from tests.conftest import shared_path
 from tests.jobs.test_preprocess import _read_all
 from tests.videos import make_video
 
-# Starts a cluster of three 1-CPU nodes, joins it the way `--address` does, runs the CLI command
-# lines of argv[1] (JSON) one after the other and prints their exit codes.
+# Starts a cluster of three 1-CPU nodes, joins it as `--address` does, runs the CLI command lines
+# of argv[1] (JSON) with its --address (which checks that every node writes the same OUT) one
+# after the other and prints their exit codes.
 _DRIVER = """
 import json, sys
 import ray
@@ -34,7 +35,7 @@ cluster.wait_for_nodes()
 try:
     init_ray(cluster.address)
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
-    print(json.dumps([main(argv) for argv in json.loads(sys.argv[1])]))
+    print(json.dumps([main([*argv, "--address", cluster.address]) for argv in json.loads(sys.argv[1])]))
 finally:
     ray.shutdown()
     cluster.shutdown()

@@ -69,3 +69,25 @@ def test_code_runtime_env_is_a_quovadis_tree(tmp_path):
     assert tree.name == "quovadis"
     for module in ("__init__.py", "pipeline/conventions.py", "models/i3d.py", "jobs/cli.py"):
         assert (tree / module).is_file(), module
+
+
+def test_out_dir_problem_names_a_node_that_does_not_share_out(tmp_path):
+    """The check each node runs for check_shared_out: it must find the driver's marker (same
+    directory, a shared file system) and be able to write beside it."""
+    from quovadis.jobs.runtime import out_dir_problem
+
+    token = "0123abcd"
+    assert "does not see the driver's" in out_dir_problem(str(tmp_path / "elsewhere"), token)
+    assert "does not see the driver's" in out_dir_problem(str(tmp_path), token)  # no marker: another file system
+    (tmp_path / f".quovadis-shared-{token}").write_text("ffff0000")
+    assert "another" in out_dir_problem(str(tmp_path), token)
+    (tmp_path / f".quovadis-shared-{token}").write_text(token)
+    assert out_dir_problem(str(tmp_path), token) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".quovadis-shared-{token}"]  # its own probe file is gone
+
+
+def test_check_shared_out_passes_on_one_node_and_leaves_nothing(ray_session, tmp_path):
+    from quovadis.jobs.runtime import check_shared_out
+
+    check_shared_out(tmp_path)
+    assert list(tmp_path.iterdir()) == []
