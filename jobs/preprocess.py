@@ -182,6 +182,12 @@ class _Video:
     frames: dict[int, int] = field(default_factory=dict)  # segment index -> frames decoded
     warnings: dict[int, list[str]] = field(default_factory=dict)  # segment index -> ffmpeg's errors kept
     error: str | None = None
+    attempt: int = 0  # bumped when a lost writer took its data: results of earlier attempts are stale
+
+    def restart(self) -> None:
+        """Forget what was written of it, to do it again from its probe."""
+        self.info, self.key, self.segments, self.frames, self.warnings = None, None, [], {}, {}
+        self.attempt += 1
 
 
 class _Scheduler:
@@ -194,8 +200,9 @@ class _Scheduler:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.max_in_flight = max(2, cpus + 1)
-        # restarted if it dies (its unfinished shard is then dropped and its videos fail)
-        self.writer = ray.remote(num_cpus=0, max_restarts=3)(_Writer).remote(str(out), cfg.shards, cfg.to_dict())
+        self.writer = self._new_writer()
+        self.writers_lost = 0
+        self.begun: list[_Video] = []  # begun on the current writer: lost with it unless in the manifest
         self.flow_actors = []
         if "flow" in cfg.streams:
             if flow_on_gpu(cfg.flow, gpus):
@@ -213,29 +220,50 @@ class _Scheduler:
             actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_FlowActor)
             self.flow_actors = [actor.options(**res).remote(flow_cfg, cfg.shards.flow_dtype) for res in placement]
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
-        self.in_flight: dict[Any, tuple[str, _Video, Segment | None]] = {}
+        self.in_flight: dict[Any, tuple[str, _Video, Segment | None, int]] = {}  # ..., the video's attempt
+        self.probes: deque[_Video] = deque()
+        self.segments: deque[tuple[_Video, Segment]] = deque()
         self.next_segment = 0
         self.writer_error: str | None = None
 
+    def _new_writer(self):
+        """The writer actor. Not restarted by Ray: a restarted one would not have the open shard of
+        the dead one, so `_writer_lost` replaces it and redoes the videos that shard held."""
+        return ray.remote(num_cpus=0, max_restarts=0)(_Writer).remote(str(self.out), self.cfg.shards, self.cfg.to_dict())
+
     def run(self, todo: list[str]) -> None:
-        probes = deque(_Video(p) for p in todo)
-        segments: deque[tuple[_Video, Segment]] = deque()
-        while probes or segments or self.in_flight:
-            while len(self.in_flight) < self.max_in_flight and (segments or probes):
-                if segments:
-                    video, seg = segments.popleft()
+        self.probes.extend(_Video(p) for p in todo)
+        while True:
+            self._run_queued()
+            try:
+                ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
+                break
+            except Exception as e:
+                if not self._writer_lost():  # else its videos are queued again
+                    self.writer_error = self.writer_error or failure_reason(e, self.cfg.out)
+                    log.error("%s", self.writer_error)
+                    break
+        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self._flow_nodes()}
+
+    def _run_queued(self) -> None:
+        while self.probes or self.segments or self.in_flight:
+            while len(self.in_flight) < self.max_in_flight and (self.segments or self.probes):
+                if self.segments:
+                    video, seg = self.segments.popleft()
                     self._submit_segment(video, seg)
                 else:
                     if self.before_video is not None:
                         self.before_video()
-                    video = probes.popleft()
-                    self.in_flight[_probe.remote(video.path)] = ("probe", video, None)
+                    video = self.probes.popleft()
+                    self.in_flight[_probe.remote(video.path)] = ("probe", video, None, video.attempt)
             [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
-            kind, video, seg = self.in_flight.pop(ref)
+            kind, video, seg, attempt = self.in_flight.pop(ref)
+            if attempt != video.attempt:  # an attempt whose writer was lost; the video is being redone
+                continue
             try:
                 result = ray.get(ref)
                 if kind == "probe":
-                    segments.extend(self._begin(video, result))
+                    self.segments.extend(self._begin(video, result))
                 else:
                     video.frames[seg.index], video.warnings[seg.index], node = result
                     self.decode_nodes[node] = self.decode_nodes.get(node, 0) + 1
@@ -244,13 +272,32 @@ class _Scheduler:
                     if len(video.frames) == len(video.segments) and video.error is None:
                         self._end(video)
             except Exception as e:  # a video's failure is never the job's
-                self._fail(video, failure_reason(e, video.path))
-        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self._flow_nodes()}
+                if not self._writer_lost():
+                    self._fail(video, failure_reason(e, video.path))
+
+    def _writer_lost(self) -> bool:
+        """If the writer actor died (its process was killed, its node lost): start a new one and
+        put back in the queue every video begun on the dead one that the manifest does not record
+        (the dead one's open shard is gone; the new one removes its temporary file). False if the
+        writer is alive, or after ACTOR_RESTARTS replacements (the videos then fail)."""
         try:
-            ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
-        except Exception as e:
-            self.writer_error = failure_reason(e, self.cfg.out)
-            log.error("%s", self.writer_error)
+            ray.get(self.writer.ping.remote())
+            return False
+        except ray.exceptions.RayActorError as e:
+            if self.writers_lost >= ACTOR_RESTARTS:
+                self.writer_error = failure_reason(e, self.cfg.out)
+                return False
+        self.writers_lost += 1
+        recorded = manifest.load(self.out)
+        lost = [v for v in self.begun if v.error is None and getattr(recorded.get(v.path), "status", None) != "ok"]
+        log.warning("the shard writer was lost; writing %d videos again", len(lost))
+        self.writer, self.begun = self._new_writer(), []
+        ids = {id(v) for v in lost}
+        self.segments = deque((v, seg) for v, seg in self.segments if id(v) not in ids)
+        for video in lost:
+            video.restart()
+            self.probes.appendleft(video)
+        return True
 
     def _flow_nodes(self) -> dict[str, int]:
         """node id -> flow actors running there (where Ray placed or restarted them)."""
@@ -268,6 +315,7 @@ class _Scheduler:
         self.progress.expect(video.path, info.duration)
         height, width = output_size(info, self.cfg.decode)
         expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
+        self.begun.append(video)  # before the call: a writer lost during it takes the video too
         video.key = ray.get(
             self.writer.begin_video.remote(
                 video.path, height=height, width=width, expected_frames=expected, fps=self.cfg.decode.fps,
@@ -286,7 +334,7 @@ class _Scheduler:
         ref = _decode_segment.remote(
             video.path, video.info, video.key, seg, self.cfg.decode, self.writer, self.flow_actors, first_actor
         )
-        self.in_flight[ref] = ("segment", video, seg)
+        self.in_flight[ref] = ("segment", video, seg, video.attempt)
 
     def _end(self, video: _Video) -> None:
         counts = [video.frames[s.index] for s in video.segments]
@@ -324,6 +372,9 @@ class _Writer:
 
     def __init__(self, out_dir: str, cfg: ShardConfig, job_config: dict) -> None:
         self.writer = ShardWriter(Path(out_dir), cfg, job_config)
+
+    def ping(self) -> None:
+        """Answers while the actor lives (the scheduler's check after a failure)."""
 
     def begin_video(self, *args, **kwargs) -> str:
         return self.writer.begin_video(*args, **kwargs)

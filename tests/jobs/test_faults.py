@@ -1,5 +1,6 @@
-"""Injected faults: a process of the job is SIGKILLed mid-run (a flow actor, a decode worker, an I3D
-actor); Ray's retries and restarts redo the lost work, so every video ends `ok` and the output
+"""Injected faults: a process of the job is SIGKILLed mid-run (a flow actor, a decode worker, the
+shard writer, an I3D actor); Ray's retries and restarts (and, for the writer, a new writer and the
+videos of its lost shard done again) redo the lost work, so every video ends `ok` and the output
 equals an uninterrupted run's."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +37,17 @@ class KillOnce(threading.Thread):
     """Kills (SIGKILL) the first process whose title starts with `title` - Ray names a worker
     `ray::<task or Actor.method>` while it runs one (its /proc cmdline) - and remembers its pid."""
 
-    def __init__(self, title: str, timeout: float = 120.0) -> None:
+    def __init__(self, title: str, ready: Callable[[], bool] = lambda: True, timeout: float = 120.0) -> None:
         super().__init__(daemon=True)
-        self.title, self.deadline = title, time.monotonic() + timeout
+        self.title, self.ready, self.deadline = title, ready, time.monotonic() + timeout
         self.killed: int | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set() and time.monotonic() < self.deadline:
+            if not self.ready():
+                time.sleep(0.02)
+                continue
             for proc in Path("/proc").glob("[0-9]*"):
                 try:
                     title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
@@ -55,8 +60,8 @@ class KillOnce(threading.Thread):
             time.sleep(0.02)
 
 
-def _with_kill(title: str, job):
-    killer = KillOnce(title)
+def _with_kill(title: str, job, ready: Callable[[], bool] = lambda: True):
+    killer = KillOnce(title, ready)
     killer.start()
     try:
         report = job()
@@ -94,10 +99,18 @@ def _assert_same(out: Path, expected: dict[str, dict]) -> None:
         np.testing.assert_array_equal(got[path]["flow"], video["flow"], err_msg=path)
 
 
-@pytest.mark.parametrize("title", ["ray::_FlowActor.flow", "ray::_decode_segment"])
+@pytest.mark.parametrize("title", ["ray::_FlowActor.flow", "ray::_decode_segment", "ray::_Writer"])
 def test_preprocess_survives_a_killed_worker(ray_session, videos, uninterrupted, tmp_path, title):
     out = tmp_path / "out"
-    report = _with_kill(title, lambda: preprocess(videos, _preprocess_cfg(out)))
+    began: list[float] = []
+
+    def shard_open_a_while() -> bool:  # the writer is killed with data in its open shard
+        if not began and any(out.glob("*.tmp")):
+            began.append(time.monotonic())
+        return bool(began) and time.monotonic() - began[0] > 1.0
+
+    ready = shard_open_a_while if title == "ray::_Writer" else (lambda: True)
+    report = _with_kill(title, lambda: preprocess(videos, _preprocess_cfg(out)), ready)
     assert report.failed == {} and sorted(report.ok) == sorted(videos)
     _assert_same(out, uninterrupted)
 
