@@ -17,8 +17,8 @@ always get theirs.
 
 Bounds: at most two batches per actor are in flight; preprocess starts no new video while two
 final shards per actor wait for I3D, so the intermediate shards on disk stay within a few
---shard-size whatever the archive's size; a shard's features leave the driver's memory once
-written. A video is stored whole in one shard, so one very long video is the exception: its
+--shard-size whatever the archive's size; shard directories given as inputs enter as many shards
+at a time; a shard's features leave the driver's memory once written. A video is stored whole in one shard, so one very long video is the exception: its
 shard, its clip list and its features grow with its length.
 
 Clips: `conventions.clip_starts` (every video with >= 1 frame has >= 1 clip; a last clip running
@@ -276,10 +276,17 @@ def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path], sha256: dict[str
 
 
 def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _FeatureStage, report: JobReport) -> None:
-    for shard_dir, entries in _group_by_shard(stored).items():
-        for shard, group in entries.items():
-            stage.add_shard(Path(shard_dir) / shard, [(e.input, e.key) for e in group], owned=False)
+    given = deque((Path(shard_dir) / shard, [(e.input, e.key) for e in group])
+                  for shard_dir, entries in _group_by_shard(stored).items() for shard, group in entries.items())  # fmt: skip
+
+    def feed() -> None:  # the given shards' clips enter the queue a few shards at a time: bounded memory
+        while given and stage.waiting_shards() < stage.max_waiting_shards:
+            stage.add_shard(*given.popleft(), owned=False)
+
     if not todo:
+        while given:
+            feed()
+            stage.pump(timeout=_POLL_S)
         stage.drain()
         return
     shards_dir = out / SHARDS_DIR
@@ -313,7 +320,8 @@ def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _Feature
             for path in new:
                 seen.add(path.name)
                 stage.add_shard(path, _wanted_videos(path, wanted), owned=True)
-            if finished and not new:
+            feed()
+            if finished and not new and not given:
                 break
             stage.pump(timeout=_POLL_S)
     finally:
@@ -555,8 +563,8 @@ class _FeatureStage:
             self._check_shard(shard)
 
     def waiting_shards(self) -> int:
-        """Intermediate shards added and not yet written (read from the preprocess thread)."""
-        return sum(1 for s in list(self.shards) if s.owned)
+        """Shards added and not yet written (also read from the preprocess thread)."""
+        return len(self.shards)
 
     def _submit(self) -> None:
         for a in sorted(range(len(self.actors)), key=lambda i: self.per_actor[i]):

@@ -243,6 +243,35 @@ def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path)
     assert len(sizes) >= 2
 
 
+
+def test_shard_directory_clips_enter_a_few_shards_at_a_time(ray_session, tmp_path, monkeypatch):
+    """From a shard directory, the driver queues the clips of at most max_waiting_shards shards at
+    once (not the whole archive's before the first batch) and every video is still done."""
+    from quovadis.jobs import extract as extract_job
+
+    (tmp_path / "v").mkdir()
+    for i in range(6):
+        make_video(tmp_path / "v" / f"{i}.mp4", fps=25, duration=0.4, size=(96, 64))
+    shards = tmp_path / "shards"
+    for i in range(6):  # one run per video: one video per shard
+        assert main(["preprocess", str(tmp_path / "v" / f"{i}.mp4"), "--out", str(shards), "--streams", "rgb",
+                     "--short-side", "64"]) == EXIT_OK  # fmt: skip
+    assert len(list_shards(shards)) == 6
+    most = [0]
+    add_shard = extract_job._FeatureStage.add_shard
+
+    def counting(stage, *args, **kwargs):
+        add_shard(stage, *args, **kwargs)
+        most[0] = max(most[0], len(stage.shards))
+        assert len(stage.shards) <= stage.max_waiting_shards
+
+    monkeypatch.setattr(extract_job._FeatureStage, "add_shard", counting)
+    out = tmp_path / "out"
+    assert main(["extract", str(shards), "--out", str(out), "--streams", "rgb", "--clip-len", "8", "--crop-size", "56",
+                 "--weights-rgb", _weights("rgb")]) == EXIT_OK  # fmt: skip
+    assert len(_all_features(out)) == 6 and 1 <= most[0] <= 2
+
+
 # -- two streams, npy ---------------------------------------------------------------------------------------
 
 
