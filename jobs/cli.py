@@ -18,13 +18,14 @@ from quovadis.pipeline.errors import ConfigError, QuovadisError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 3
 
-# subcommand -> help; jobs/<name>.py has add_arguments(parser) and run(args) -> JobReport | int | None
+# subcommand -> help; jobs/options.py has <name>(parser) adding its arguments, jobs/<name>.py (bench:
+# jobs/bench/) has run(args) -> JobReport | int | None
 COMMANDS: dict[str, str] = {
     "preprocess": "decode videos to 25 fps and write sharded HDF5 clips (rgb, flow)",
     "extract": "per-clip two-stream I3D features of videos (or preprocess shards) into HDF5 or npy",
     "inflate": "inflate 2D GoogLeNet-BN (or --net resnet50) weights, torchvision layout, into I3D (or I3D-ResNet-50) weights",
-    "train": "fine-tune one I3D stream (rgb or flow) on labelled videos with Ray Train",
-    "evaluate": "top-1/top-5 of trained rgb and flow checkpoints and of their two-stream fusion",
+    "train": "train one of the paper's architectures (--arch, default I3D: one stream) on labelled videos with Ray Train",
+    "evaluate": "top-1/top-5 of trained runs of any --arch in one table, and the two-stream fusion of I3D rgb and flow",
     "bench": "benchmarks behind BENCHMARKS.md (decode, shards, flow, i3d, ...)",
     "show": "contact sheet PNG of a stored video: RGB frames beside their flow (Middlebury colours)",
 }
@@ -40,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            (getattr(options, name, None) or _module(name).add_arguments)(p)
+            getattr(options, name)(p)
     return parser
 
 

@@ -256,18 +256,6 @@ def plot_bars(result: dict[str, Any], path: str | os.PathLike, *, height: int = 
     return write_atomic(path, lambda f: f.write(png.tobytes()))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
-    p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="runs of any --arch to compare: RUN_DIRs or their model.pt files")
-    p.add_argument("--rgb", default=None, metavar="CKPT", help="I3D RGB checkpoint from quovadis train (RUN_DIR/model.pt)")
-    p.add_argument("--flow", default=None, metavar="CKPT", help="I3D flow checkpoint from quovadis train")
-    p.add_argument("--split", default=None, help="split to evaluate (default: test if present, else val, else all)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the accuracies as JSON here")
-    p.add_argument("--plot", default=None, metavar="PATH", help="bar chart PNG of the table (default: the --json path with .png)")
-
-
 def run(args: argparse.Namespace) -> JobReport:
     cfg = EvaluateConfig(data=args.data, labels=args.labels, rgb=args.rgb, flow=args.flow, split=args.split,
                          batch_size=args.batch_size, json=args.json, runs=tuple(getattr(args, "runs", ())),

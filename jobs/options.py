@@ -27,6 +27,9 @@ FEATURE_FORMATS = ("hdf5", "npy")  # pipeline.features.FORMATS
 FEATURE_DTYPES = ("float32", "float16")  # pipeline.features.FEATURE_DTYPES
 CROPS = ("center", "full")  # jobs.extract.CROPS
 INFLATE_MODES = ("mean", "center")  # models.inflate.INFLATE_MODES
+ARCH_NAMES = ("i3d", "i3d-r50", "lstm", "c3d", "two-stream", "fused-3d")  # jobs.train.ARCH_STREAMS
+OPTIMIZERS = ("sgd", "adam")  # jobs.train.OPTIMIZERS
+PRECISE_BN = ("auto", "on", "off")  # jobs.train.PRECISE_BN
 
 
 class RenamedOption(argparse.Action):
@@ -109,6 +112,61 @@ def inflate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-channels", type=int, default=3,
                    help="3 for RGB; 2 for flow (first layer averaged over RGB, TSN-style); googlenet only")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
+    p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
+    p.add_argument("--arch", default="i3d", choices=ARCH_NAMES,
+                   help="the paper's architecture to train (default i3d); i3d-r50 is the inflated ResNet-50")
+    p.add_argument("--stream", default=None, choices=("rgb", "flow", "rgb+flow"),
+                   help="i3d: which stream to train (required); lstm, c3d, i3d-r50: rgb; two-stream, fused-3d: rgb+flow "
+                        "(the default for those)")  # fmt: skip
+    p.add_argument("--init", default="scratch",
+                   help="scratch | PATH (I3D weights, or a checkpoint of the same --arch) | inflate:FILE (i3d: a GoogLeNet-BN; "
+                        "i3d-r50: quovadis inflate --net resnet50 output) | imagenet:FILE (lstm, two-stream, fused-3d: "
+                        "ImageNet GoogLeNet-BN for the 2D trunks) (default scratch)")  # fmt: skip
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, model.pt, metrics.jsonl, curves.png")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8, help="clips per step per worker (default 8)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per epoch (default 0.01)")
+    p.add_argument("--weight-decay", type=float, default=1e-7)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--clip-len", type=int, default=None,
+                   help="RGB frames per training clip (default per --arch: i3d 64, lstm 25, c3d 16, two-stream 1, fused-3d 5)")
+    p.add_argument("--frame-step", type=int, default=None,
+                   help="frames between the RGB frames of a clip, at 25 fps (default per --arch: lstm 5, fused-3d 10, else 1)")
+    p.add_argument("--crop-size", type=int, default=None, help="square crop in px (default per --arch: 224, c3d 112)")
+    p.add_argument("--eval-stride", type=int, default=None, help="validation clip stride (default: clip length)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (classes that mirroring changes)")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16/fp16 autocast")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume, slower)")
+    p.add_argument("--precise-bn", nargs="?", const="on", default="auto", choices=PRECISE_BN,
+                   help="recompute BatchNorm statistics on each epoch's clips before validation: on (also bare --precise-bn), "
+                        "off, or auto (default: while the running statistics cannot have converged, the first ~300 steps)")  # fmt: skip
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, 1 on CPU)")
+    p.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker (default 2)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="epoch checkpoints kept (default 2)")
+    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
+    p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="runs of any --arch to compare: RUN_DIRs or their model.pt files")
+    p.add_argument("--rgb", default=None, metavar="CKPT", help="I3D RGB checkpoint from quovadis train (RUN_DIR/model.pt)")
+    p.add_argument("--flow", default=None, metavar="CKPT", help="I3D flow checkpoint from quovadis train")
+    p.add_argument("--split", default=None, help="split to evaluate (default: test if present, else val, else all)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the accuracies as JSON here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="bar chart PNG of the table (default: the --json path with .png)")
 
 
 def show(p: argparse.ArgumentParser) -> None:

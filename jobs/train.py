@@ -743,49 +743,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
     return report
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="shard directory (quovadis preprocess --out)")
-    p.add_argument("--labels", required=True, help="labels.csv: video,label[,split]")
-    p.add_argument("--arch", default="i3d", choices=tuple(ARCH_STREAMS),
-                   help="the paper's architecture to train (default i3d); i3d-r50 is the inflated ResNet-50")
-    p.add_argument("--stream", default=None, choices=("rgb", "flow", "rgb+flow"),
-                   help="i3d: which stream to train (required); lstm, c3d, i3d-r50: rgb; two-stream, fused-3d: rgb+flow "
-                        "(the default for those)")  # fmt: skip
-    p.add_argument("--init", default="scratch",
-                   help="scratch | PATH (I3D weights, or a checkpoint of the same --arch) | inflate:FILE (i3d: a GoogLeNet-BN; "
-                        "i3d-r50: quovadis inflate --net resnet50 output) | imagenet:FILE (lstm, two-stream, fused-3d: "
-                        "ImageNet GoogLeNet-BN for the 2D trunks) (default scratch)")  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: checkpoints, model.pt, metrics.jsonl, curves.png")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=8, help="clips per step per worker (default 8)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate, cosine-annealed per epoch (default 0.01)")
-    p.add_argument("--weight-decay", type=float, default=1e-7)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--clip-len", type=int, default=None,
-                   help="RGB frames per training clip (default per --arch: i3d 64, lstm 25, c3d 16, two-stream 1, fused-3d 5)")
-    p.add_argument("--frame-step", type=int, default=None,
-                   help="frames between the RGB frames of a clip, at 25 fps (default per --arch: lstm 5, fused-3d 10, else 1)")
-    p.add_argument("--crop-size", type=int, default=None, help="square crop in px (default per --arch: 224, c3d 112)")
-    p.add_argument("--eval-stride", type=int, default=None, help="validation clip stride (default: clip length)")
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (classes that mirroring changes)")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume, slower)")
-    p.add_argument("--precise-bn", nargs="?", const="on", default="auto", choices=PRECISE_BN,
-                   help="recompute BatchNorm statistics on each epoch's clips before validation: on (also bare --precise-bn), "
-                        "off, or auto (default: while the running statistics cannot have converged, the first ~300 steps)")  # fmt: skip
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: one per GPU, 1 on CPU)")
-    p.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (torch threads) per worker")
-    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker (default 2)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="epoch checkpoints kept (default 2)")
-    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: embedded local Ray)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from quovadis.jobs import evaluate as evaluate_job
+from quovadis.jobs import evaluate as evaluate_job, options
 from quovadis.jobs.evaluate import EvaluateConfig, evaluate
 from quovadis.jobs.train import TrainConfig, train
 from quovadis.pipeline.manifest import load as manifest_load
@@ -110,7 +110,7 @@ def test_every_architecture_learns_left_vs_right_and_evaluate_compares_them(runs
     labels, shards = ramp_shards(work)
     acc_json = tmp_path / "acc.json"
     parser = argparse.ArgumentParser()
-    evaluate_job.add_arguments(parser)
+    options.evaluate(parser)
     report = evaluate_job.run(parser.parse_args([*map(str, runs.values()), "--data", str(shards), "--labels",
                                                  str(labels), "--json", str(acc_json)]))  # fmt: skip
     scores = json.loads(acc_json.read_text())

@@ -39,7 +39,7 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"quovadis {__version__}"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["bench", "flow", "--help"], *([name, "--help"] for name in COMMANDS if name not in ("train", "evaluate"))])
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["bench", "flow", "--help"], *([name, "--help"] for name in COMMANDS)])
 def test_help_imports_no_heavy_module(args):
     """--help of the CLI and of every subcommand needs none of torch, Ray, OpenCV, h5py (together
     seconds to import): the arguments live in jobs/options.py, a job's module is imported to run."""
@@ -54,7 +54,7 @@ def test_help_imports_no_heavy_module(args):
 def test_options_choices_and_defaults_are_the_engines():
     """jobs/options.py writes the engine's names and defaults as literals (to stay light); they
     must not drift from the engine's own."""
-    from quovadis.jobs import extract
+    from quovadis.jobs import extract, train
     from quovadis.models import fast, inflate, weights
     from quovadis.pipeline import decode, features, flow, shards
 
@@ -68,6 +68,9 @@ def test_options_choices_and_defaults_are_the_engines():
     assert options.COMPRESSIONS[0] == shards.ShardConfig().compression
     assert options.DECODE_TIMEOUT_S == decode.DecodeConfig().timeout_s
     assert options.IN_CHANNELS == weights.IN_CHANNELS
+    assert options.ARCH_NAMES == tuple(train.ARCH_STREAMS)
+    assert options.OPTIMIZERS == train.OPTIMIZERS
+    assert options.PRECISE_BN == train.PRECISE_BN
 
 
 def test_extract_from_a_directory_with_its_own_models_package(tmp_path):

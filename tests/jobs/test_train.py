@@ -20,7 +20,6 @@ from quovadis.jobs.train import (
     STATE_FORMAT,
     TrainConfig,
     _resume_point,
-    add_arguments,
     at_chance,
     build_model,
     config_from_args,
@@ -32,6 +31,7 @@ from quovadis.jobs.train import (
     train,
     train_dataset,
 )
+from quovadis.jobs import options
 from quovadis.jobs.labels import load_labels
 from quovadis.models.archs import build, load_model, save_model
 from quovadis.models.i3d import InceptionI3d
@@ -290,7 +290,7 @@ def test_arch_streams_and_sampling_defaults(tmp_path):
     with pytest.raises(ConfigError, match="imagenet:FILE is for --arch lstm or two-stream or fused-3d, not c3d"):
         cfg(arch="c3d", stream="rgb", init="imagenet:x.pt")
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    options.train(parser)
     base = ["--data", str(tmp_path), "--labels", "l.csv", "--out", str(tmp_path / "r")]
     assert config_from_args(parser.parse_args([*base, "--arch", "two-stream"])).stream == "rgb+flow"
     assert config_from_args(parser.parse_args([*base, "--arch", "lstm", "--clip-len", "3"])).clip_len == 3
