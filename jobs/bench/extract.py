@@ -1,17 +1,26 @@
-"""Extract benchmark: `quovadis extract` end to end on real videos, with each stage's busy time.
+"""Extract benchmark: `quovadis extract` end to end on real videos, with each stage's busy time
+and the bytes written under OUT.
 
 Figures: videos/s and video-seconds per wall-second (video time = frames at --fps), and per stage
 the seconds spent inside its work, summed over its workers, and that sum over the wall time
 ("busy": 1.0 = one worker busy the whole run; decode tasks run in parallel, so theirs can exceed 1):
 
-    decode   preprocess probe + segment tasks (includes their waits on the writer and flow actor:
-             that is the backpressure that bounds memory)
-    flow     the flow actor's TV-L1 calls
-    load     clip loader tasks (HDF5 read + crop), timed inside the tasks
-    i3d      the I3D predictor actor's calls (conversion, model, copy back)
-    write    the shard writer actor's calls + the driver's feature-file writes
+    decode   the Ray Data tasks plan_video + decode_clips (timeline names "FlatMap(plan_video)",
+             "FlatMap(decode_clips)"; with the pre-graph extract: preprocess's _probe/_decode_segment)
+    flow     the FlowStage actor pool's batches (before the graph: the flow actor's calls)
+    i3d      the I3D stage's calls (conversion, model, copy back), timed inside the job
+             (report.extra["stage_busy_s"]["i3d_s"])
+    write    the driver's feature-file writes, timed inside the job ("write_s"; before the graph
+             also the shard writer actor's calls)
 
-Stage times come from Ray's task timeline (ray.timeline), so the job runs exactly as `extract`.
+Stage times come from Ray's task timeline (ray.timeline), matched by substring of the events' "cat"
+and "name" (see _stage_busy), so the job runs exactly as `extract`. The substrings include the names
+of the pre-graph extract (preprocess tasks and actors), so one bench file times both.
+
+Bytes under OUT: a thread polls OUT every 20 ms during the job and records each file's largest size
+and OUT's peak total size. The sum of the largest sizes is a lower bound of the bytes written (a
+file rewritten, or created and deleted between two polls, counts once or not at all); the feature
+files (features-*.h5, *.npy, index.jsonl) are measured at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +30,9 @@ import logging
 import os
 import platform
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,13 +43,14 @@ from quovadis.jobs.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
-STAGES = {
-    "decode": ("quovadis.jobs.preprocess._decode_segment", "quovadis.jobs.preprocess._probe"),
-    "flow": ("flow",),
-    "load": (),  # measured inside the job (report.extra["stage_busy_s"]): the predictor actor is
-    "i3d": (),  # killed at the end of the job, before its task events would reach the timeline
+STAGES = {  # stage -> substrings of timeline event names (the pre-graph names too, for comparison)
+    "decode": ("plan_video", "decode_clips", "_decode_segment", "_probe"),
+    "flow": ("FlowStage", "flow"),
+    "i3d": (),  # measured inside the job (report.extra["stage_busy_s"])
     "write": ("begin_video", "write_rgb", "write_flow", "end_video", "abort_video", "close"),
 }
+_MATCH_ORDER = ("write", "decode", "flow", "i3d")  # "write_flow" is write, not flow
+_POLL_S = 0.02  # how often the byte watcher looks at OUT
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -57,13 +69,18 @@ def run_bench(args: argparse.Namespace) -> int:
         init_ray(args.address)  # started before the clock: a long-lived cluster is the normal case
         import ray
 
+        watcher = _ByteWatcher(Path(tmp))
+        watcher.start()
         started = time.perf_counter()
-        report = extract_job.extract(videos, cfg)
-        wall = time.perf_counter() - started
+        try:
+            report = extract_job.extract(videos, cfg)
+        finally:
+            wall = time.perf_counter() - started
+            watcher.stop()
+        feature_bytes = _feature_bytes(Path(tmp))
         time.sleep(2.0)  # task events reach the timeline with a delay
         busy = _stage_busy(ray.timeline())
-    inside = report.extra.get("stage_busy_s", {})
-    busy["load"] += inside.get("load_s", 0.0)
+    inside = report.extra.get("stage_busy_s") or {}
     busy["i3d"] += inside.get("i3d_s", 0.0)
     busy["write"] += inside.get("write_s", 0.0)
     video_s = report.frames / cfg.decode.fps
@@ -75,6 +92,9 @@ def run_bench(args: argparse.Namespace) -> int:
         f"videos ok {len(report.ok)}, failed {len(report.failed)}; {report.frames} frames = {video_s:.1f} video-s; "
         f"{report.clips} clips; wall {wall:.1f} s",
         f"videos/s {len(report.ok) / wall:.3f}   video-s per wall-s {video_s / wall:.3f}   clips/s {report.clips / wall:.3f}",
+        f"bytes written under OUT (files seen, largest size each): {watcher.seen_bytes() / 1e6:.2f} MB; "
+        f"peak OUT size: {watcher.peak / 1e6:.2f} MB; feature files at the end: {feature_bytes / 1e6:.2f} MB",
+        f"stage_busy_s (inside the job): {report.extra.get('stage_busy_s')}",
         "",
         "| stage | busy s | busy / wall |",
         "|---|---:|---:|",
@@ -85,15 +105,67 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _stage_busy(events: list[dict]) -> dict[str, float]:
-    """Seconds inside each stage's Ray tasks / actor methods ("X" events: name, dur in us)."""
+    """Seconds inside each stage's Ray tasks / actor methods ("X" events, dur in us). An event's text
+    is its "cat" and "name": Ray Data tasks read "task::FlatMap(decode_clips)" + "..._map_task", actor
+    pool calls "task::MapWorker(MapBatches(FlowStage)).submit" + "submit", plain tasks and actor
+    methods "task::_decode_segment" + "quovadis.jobs.preprocess._decode_segment". It counts for the
+    first stage, in _MATCH_ORDER, one of whose substrings it contains; actor constructors (__init__:
+    startup, model loading) count for none."""
     busy = {name: 0.0 for name in STAGES}
     for e in events:
-        if e.get("ph") != "X":
+        if e.get("ph") != "X" or e.get("name") == "__init__":
             continue
-        for stage, names in STAGES.items():
-            if e.get("name") in names:
+        text = f"{e.get('cat', '')} {e.get('name', '')}"
+        for stage in _MATCH_ORDER:
+            if any(part in text for part in STAGES[stage]):
                 busy[stage] += float(e.get("dur", 0)) / 1e6
+                break
     return busy
+
+
+class _ByteWatcher:
+    """Polls a directory every _POLL_S in a thread: each file's largest size seen and the peak total."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.largest: dict[str, int] = {}
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-bytes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()  # the files as the job left them
+
+    def seen_bytes(self) -> int:
+        return sum(self.largest.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(_POLL_S):
+            self._poll()
+
+    def _poll(self) -> None:
+        total = 0
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:  # deleted between the listing and the stat
+                    continue
+                total += size
+                if size > self.largest.get(path, -1):
+                    self.largest[path] = size
+        self.peak = max(self.peak, total)
+
+
+def _feature_bytes(out: Path) -> int:
+    files = {*out.glob("features-*.h5"), *out.rglob("*.npy"), out / "index.jsonl"}
+    return sum(p.stat().st_size for p in files if p.is_file())
 
 
 def _device() -> str:
