@@ -164,15 +164,12 @@ class ShardDataset(torch.utils.data.Dataset):
         region = (slice(top, top + ch), slice(left, left + cw))
 
         item: dict[str, Any] = {"video": entry.input, "key": entry.key, "start": start, "frames": frames}
-        positions = np.arange(self.clip_len) * self.frame_step  # of the RGB frames within the span
-        if "rgb" in self.streams:
-            rgb = read_frames(group["rgb"], conventions.clip_frame_indices(start, self.span, frames)[positions], region)
-            x = conventions.rgb_to_model(rgb)  # (3, T, h, w)
+        clip = read_clip(group, start, frames, self.span, self.streams, region, self.frame_step, self.flow_per_frame)
+        if "rgb" in clip:
+            x = conventions.rgb_to_model(clip["rgb"])  # (3, T, h, w)
             item["rgb"] = torch.flip(x, dims=[-1]) if flipped else x
-        if "flow" in self.streams:
-            fields = (positions[:, None] + np.arange(self.flow_per_frame)).ravel()  # field-major per RGB frame
-            flow = read_frames(group["flow"], conventions.clip_flow_indices(start, self.span, frames)[fields], region)
-            y = conventions.flow_to_model(flow)  # (2, T, h, w), channel 0 = x
+        if "flow" in clip:
+            y = conventions.flow_to_model(clip["flow"])  # (2, T, h, w), channel 0 = x
             if flipped:
                 y = torch.flip(y, dims=[-1])
                 y[0].neg_()
@@ -218,6 +215,21 @@ class ShardDataset(torch.utils.data.Dataset):
             return f[entry.key]
         except KeyError:
             raise ShardError(f"{self.shard_dir / entry.file} has no video {entry.key} ({entry.input})") from None
+
+
+def read_clip(group: h5py.Group, start: int, frames: int, span: int, streams: Sequence[str],
+              region: tuple[slice, slice], frame_step: int = 1, flow_per_frame: int = 1) -> dict[str, np.ndarray]:  # fmt: skip
+    """The clip at `start` of a stored video of `frames` frames, as stored: uint8 rgb (T, h, w, 3)
+    and flow (T * F, h, w, 2) in the shard's dtype, cropped to `region` (see the module docstring
+    for span, frame_step and flow_per_frame; T = (span - F) // frame_step + 1)."""
+    positions = np.arange((span - flow_per_frame) // frame_step + 1) * frame_step  # RGB frames in the span
+    clip: dict[str, np.ndarray] = {}
+    if "rgb" in streams:
+        clip["rgb"] = read_frames(group["rgb"], conventions.clip_frame_indices(start, span, frames)[positions], region)
+    if "flow" in streams:
+        fields = (positions[:, None] + np.arange(flow_per_frame)).ravel()  # field-major per RGB frame
+        clip["flow"] = read_frames(group["flow"], conventions.clip_flow_indices(start, span, frames)[fields], region)
+    return clip
 
 
 def spread_starts(num_frames: int, span: int, clips: int) -> list[int]:

@@ -1,0 +1,149 @@
+"""I3D clips straight from the decoder, segment by segment: what `extract` feeds the model when no
+frames are kept on disk.
+
+A segment of a video (decode.plan_segments) owns the clips that start inside it
+(`conventions.clip_starts`). It decodes the frame before it, its own frames and the clip_len + 1 frames that follow its
+last clip start (the clip's frames, and for flow the frame after its last one), so every clip,
+also one across a segment border, is the clip an unsplit decode gives. Segment borders are put on
+clip starts (`clip_segment_frames`), so each segment owns whole clips.
+
+A clip carries uint8 RGB frames cropped to its box (`crop_box`) and, for flow, the full-size grey
+frames its flow fields come from (flow is computed on whole frames and cropped afterwards, as
+preprocess stores it) with the index of each clip field among them. The last clips of a video,
+which run past its end, are made once the decoder reports the end: they loop their frames
+(`conventions.clip_frame_indices` / `clip_flow_indices`), exactly as clips read from shards.
+
+Memory: one segment holds at most clip_len + 1 + chunk_frames frames, whatever its length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quovadis.pipeline import conventions
+from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames
+from quovadis.pipeline.errors import ConfigError
+from quovadis.pipeline.flow import rgb_to_gray
+from quovadis.pipeline.probe import VideoInfo
+
+CROPS = ("center", "full")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which clips of a video, and what of them: the settings `extract` records with its features."""
+
+    clip_len: int = conventions.CLIP_LEN
+    stride: int = conventions.CLIP_LEN
+    crop: str = "center"  # center: crop_size x crop_size in the middle; full: the whole frame
+    crop_size: int = conventions.CROP_SIZE
+    streams: tuple[str, ...] = ("rgb", "flow")
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the clips of height x width frames; ConfigError when the
+        frames are smaller than the crop (padding would feed the model borders it never saw)."""
+        if self.crop == "full":
+            return 0, 0, height, width
+        size = self.crop_size
+        if min(height, width) < size:
+            raise ConfigError(f"frames {height}x{width} are smaller than --crop-size {size}; use --crop full or a smaller --crop-size")
+        return (height - size) // 2, (width - size) // 2, size, size
+
+
+def clip_segment_frames(segment_frames: int, stride: int) -> int:
+    """Segment length rounded up to whole strides, so that each segment starts on a clip start."""
+    return max(1, -(-segment_frames // stride)) * stride
+
+
+@dataclass
+class Clip:
+    """One clip of a video: `rgb` uint8 (T, h, w, 3) cropped; `gray` uint8 (n, H, W) whole grey
+    frames and `fields` (T,) the index of each clip flow field among their n - 1 fields (field i is
+    gray[i] -> gray[i+1]), None for a video of one frame (its flow clip is zeros); `flow`
+    (T, h, w, 2) cropped, in a shard's flow dtype, once computed (or read from a shard)."""
+
+    start: int
+    box: tuple[int, int, int, int]
+    rgb: np.ndarray | None = None
+    gray: np.ndarray | None = None
+    fields: np.ndarray | None = None
+    flow: np.ndarray | None = None
+
+
+@dataclass
+class SegmentEnd:
+    """What a segment's decode found: `frames` decoded inside [seg.start, seg.end), `total` the
+    video's frame count when the decoder reached the end of the video, else None."""
+
+    index: int
+    frames: int
+    total: int | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def segment_clips(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, spec: ClipSpec,
+                  box: tuple[int, int, int, int]) -> Iterator[Clip | SegmentEnd]:  # fmt: skip
+    """Decode segment `seg` of `path` and yield its clips in order, then its SegmentEnd (see the
+    module docstring). DecodeError as iter_frames: partial output is then to be discarded."""
+    T, stride = spec.clip_len, spec.stride
+    if seg.start % stride:
+        raise ValueError(f"segment {seg} does not start on a clip start (stride {stride})")
+    last_owned = None if seg.end is None else seg.start + (seg.end - 1 - seg.start) // stride * stride
+    # all its own frames (the job checks their count against the container's), and its last clip's
+    end = None if last_owned is None else max(seg.end, last_owned + T + 1)
+    # from one frame before the segment: the flow of a last clip of one frame needs that frame
+    base = max(0, seg.start - 1)
+    frames: deque[np.ndarray] = deque()  # frames [base, base + len(frames)) of the video
+    following = seg.start  # the next clip start to yield
+    warnings: list[str] = []
+    decoded = base
+    for chunk in iter_frames(path, cfg, info, start=base, end=end, warnings=warnings):
+        frames.extend(chunk.frames)
+        decoded = chunk.start + len(chunk.frames)
+        while (last_owned is None or following <= last_owned) and following + T < decoded:
+            yield _clip(frames, base, following, None, spec, box)
+            following += stride
+        while frames and base < following - 1:  # from one frame before the next start: its flow may need it
+            frames.popleft()
+            base += 1
+    total = decoded if end is None or decoded < end else None
+    if total is not None:
+        for start in conventions.clip_starts(total, T, stride):
+            if start >= following and (last_owned is None or start <= last_owned):
+                yield _clip(frames, base, start, total, spec, box)
+    own_end = decoded if seg.end is None else min(decoded, seg.end)
+    yield SegmentEnd(seg.index, max(0, own_end - seg.start), total, warnings)
+
+
+def _clip(frames: deque[np.ndarray], base: int, start: int, total: int | None, spec: ClipSpec,
+          box: tuple[int, int, int, int]) -> Clip:  # fmt: skip
+    """The clip at `start`; `total` None: the video goes on past the clip's T + 1 frames."""
+    T = spec.clip_len
+    top, left, h, w = box
+    clip = Clip(start, box)
+    indices = start + np.arange(T) if total is None else conventions.clip_frame_indices(start, T, total)
+    if "rgb" in spec.streams:
+        clip.rgb = np.stack([frames[i - base][top : top + h, left : left + w] for i in indices])
+    if "flow" in spec.streams and (total is None or total >= 2):
+        fields = start + np.arange(T) if total is None else conventions.clip_flow_indices(start, T, total)
+        lo, hi = int(fields.min()), int(fields.max()) + 2
+        clip.gray = rgb_to_gray(np.stack([frames[i - base] for i in range(lo, hi)]))
+        clip.fields = fields - lo
+    return clip
+
+
+def crop_flow(flow: np.ndarray, clip: Clip) -> np.ndarray:
+    """The clip's flow fields, cropped to its box, from `flow` (n - 1, H, W, 2) of its grey frames."""
+    top, left, h, w = clip.box
+    return flow[clip.fields, top : top + h, left : left + w]
+
+
+def check_spec(spec: ClipSpec) -> None:
+    if spec.clip_len < 1 or spec.stride < 1:
+        raise ConfigError(f"--clip-len and --stride must be >= 1, got {spec.clip_len} and {spec.stride}")
+    if spec.crop not in CROPS:
+        raise ConfigError(f"--crop must be one of {', '.join(CROPS)}, got {spec.crop!r}")
