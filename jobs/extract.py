@@ -1,25 +1,18 @@
 """`quovadis extract`: videos (or preprocess shard directories) -> per-clip two-stream I3D features.
 
-Data flow (one pipeline, streaming at shard granularity):
+Data flow: one streaming Ray Data graph (jobs/graph.py), frames never written to disk:
 
-    videos --preprocess (Ray: probe/decode tasks, flow actors, writer actor)--> OUT/shards/shard-N.h5
-    each finalised shard --clip loader tasks--> I3DPredictor actors --> the driver writes
-    OUT/features-N.h5 (or npy) + OUT/index.jsonl --> the shard is deleted (unless --keep-shards)
+    videos --probe, segments, decode (CPU tasks)--> clips --flow (actor pool)--> --I3D (actor pool)-->
+    feature rows --the driver (_FeatureSink)--> OUT/features-N.h5 (or npy) + OUT/index.jsonl
 
-`preprocess` runs in a driver thread into OUT/shards with small shards (--shard-size, 256M); the
-driver watches that directory for shards renamed to their final name (a final shard is complete:
-pipeline/shards.py) and queues their clips. Shard directories given as inputs skip decoding.
-Clips of all queued videos are batched together (--batch-size) per frame size; each batch is read
-by a loader task (uint8 from the shard, cropped) and run by a predictor actor, one per GPU
-(num_gpus=1, or 0.5 when preprocess puts a flow actor on the same GPU), or one CPU actor holding
-no CPU slot of its own when there is no GPU, so the decode tasks and flow actor of preprocess
-always get theirs.
+Shard directories given as inputs enter the same graph at decode, their clips read from the shards.
+`--keep-shards` decodes into OUT/shards first (the shards `quovadis preprocess` writes) and then
+reads the clips from there. Clips of all videos are batched together (--batch-size); one I3D actor
+per GPU (half a GPU when a flow actor shares it), or one CPU actor holding no CPU slot of its own.
 
-Bounds: at most two batches per actor are in flight; preprocess starts no new video while two
-final shards per actor wait for I3D, so the intermediate shards on disk stay within a few
---shard-size whatever the archive's size; shard directories given as inputs enter as many shards
-at a time; a shard's features leave the driver's memory once written. A video is stored whole in one shard, so one very long video is the exception: its
-shard, its clip list and its features grow with its length.
+Bounds: Ray Data's backpressure bounds the clips between stages; a segment holds at most
+clip_len + chunk frames (pipeline/clips.py); the driver holds only the feature vectors of videos
+in progress, and writes each video once its clips are all back.
 
 Clips: `conventions.clip_starts` (every video with >= 1 frame has >= 1 clip; a last clip running
 past the end loops its own frames, `conventions.clip_frame_indices`); flow fields follow
@@ -41,42 +34,38 @@ import importlib.metadata
 import json
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
-import ray
 
+from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
-from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_placement, flow_on_gpu, parse_size, preprocess
+from quovadis.jobs.preprocess import PreprocessConfig, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
-from quovadis.models.predictor import I3DPredictor, PredictorConfig
+from quovadis.jobs.resources import extract_stages
+from quovadis.jobs.runtime import check_shared_out, init_ray, out_dir_lock
+from quovadis.models.predictor import PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
 from quovadis.pipeline import conventions, durable, features, manifest
+from quovadis.pipeline.clips import CROPS, ClipSpec, SegmentEnd, clip_segment_frames
 from quovadis.pipeline.decode import DecodeConfig
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.manifest import LedgerEntry
-from quovadis.pipeline.shards import ShardConfig, ShardReader, list_shards, read_frames, video_key
+from quovadis.pipeline.shards import ShardConfig, video_key
 
 log = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
-CROPS = ("center", "full")
 SHARDS_DIR = "shards"
 SETTINGS_NAME = "settings.json"
 MODEL_NAME = "i3d-inception-v1"  # models.i3d.InceptionI3d, the kinetics-i3d network
-_POLL_S = 0.2  # how often the driver looks for new shards while waiting
-_BATCHES_PER_ACTOR = 2  # in flight per CPU predictor actor: one running, one loaded and waiting (x2 on a GPU)
-_GPU_SHARE_BESIDE_FLOW = 0.5  # each GPU holds an I3D actor and a flow actor when this job computes flow
-_WAITING_SHARDS_PER_ACTOR = 2  # final intermediate shards waiting for I3D before preprocess pauses
+_VIDEOS_PER_FILE = 32  # finished videos per features-N.h5 at most
+_FLUSH_S = 5.0  # a finished video waits at most this long to be written: what a crash can lose
 
 
 @dataclass(frozen=True)
@@ -200,15 +189,7 @@ def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, st
         shard_dirs = [p for p in inputs if is_shard_dir(p)]
         videos = [p for p in inputs if p not in shard_dirs]
         todo = [p for p in videos if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
-        stored: list[tuple[str, LedgerEntry]] = []  # (shard dir, entry) of shard-directory inputs
-        seen = set(videos)
-        for d in shard_dirs:
-            for entry in manifest.load(Path(d)).values():
-                if entry.status != "ok" or entry.input in seen:
-                    continue
-                seen.add(entry.input)
-                if not report.skip_if_done(entry.input, recorded.get(entry.input), cfg.retry_failed):
-                    stored.append((d, entry))
+        stored = _stored_inputs(shard_dirs, set(videos), recorded, report, cfg.retry_failed)
         if report.skipped:
             log.info("%d inputs already in %s (use --retry-failed to retry failed ones)", len(report.skipped), out)
         if todo or stored:
@@ -219,11 +200,19 @@ def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, st
             if labels is not None and cfg.format == "npy":
                 features.write_labels(out, labels)
             with Progress("extract") as progress:
-                stage = _FeatureStage(cfg, pcfg, out, report, attrs, labels, progress, decoding=bool(todo), recorded=recorded)
+                sink = _FeatureSink(cfg, out, report, attrs, labels, progress)
+                rows = [graph.row(p, graph.STORED, **s) for p, s in stored]
+                if todo and cfg.keep_shards:  # decoded into OUT/shards first, then read as stored videos
+                    rows += _preprocess_kept(cfg, out, todo, sink, progress)
+                else:
+                    rows += [graph.row(p, graph.VIDEO) for p in todo]
                 try:
-                    _run(cfg, out, todo, stored, stage, report)
+                    _run(cfg, pcfg, rows, sink)
                 finally:
-                    stage.close()
+                    sink.flush()
+                for path in [*todo, *(p for p, _ in stored)]:  # a safety net: every input ends ok or failed
+                    if path not in report.ok and path not in report.failed:
+                        sink.fail(path, f"{path}: no result came back from the pipeline")
             report.extra["weights"] = {s: {"path": attrs[f"weights_{s}"], "sha256": attrs[f"weights_sha256_{s}"]} for s in weights}
         report.finish()
         report.write(out)
@@ -275,487 +264,213 @@ def _common_attrs(cfg: ExtractConfig, weights: dict[str, Path], sha256: dict[str
     return attrs
 
 
-def _run(cfg: ExtractConfig, out: Path, todo: list[str], stored, stage: _FeatureStage, report: JobReport) -> None:
-    given = deque((Path(shard_dir) / shard, [(e.input, e.key) for e in group])
-                  for shard_dir, entries in _group_by_shard(stored).items() for shard, group in entries.items())  # fmt: skip
+def _stored_inputs(shard_dirs: list[str], seen: set[str], recorded: dict[str, LedgerEntry], report: JobReport,
+                   retry_failed: bool) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """(input, stored-row payload) of the `ok` videos of the given shard directories still to do."""
+    stored = []
+    for d in shard_dirs:
+        for entry in manifest.load(Path(d)).values():
+            if entry.status != "ok" or entry.input in seen:
+                continue
+            seen.add(entry.input)
+            if not report.skip_if_done(entry.input, recorded.get(entry.input), retry_failed):
+                stored.append((entry.input, {"shard": str(Path(d) / entry.file), "key": entry.key,
+                                             "frames": entry.frames, "warnings": entry.warnings}))  # fmt: skip
+    return stored
 
-    def feed() -> None:  # the given shards' clips enter the queue a few shards at a time: bounded memory
-        while given and stage.waiting_shards() < stage.max_waiting_shards:
-            stage.add_shard(*given.popleft(), owned=False)
 
-    if not todo:
-        while given:
-            feed()
-            stage.pump(timeout=_POLL_S)
-        stage.drain()
-        return
+def _preprocess_kept(cfg: ExtractConfig, out: Path, todo: list[str], sink: _FeatureSink, progress: Progress) -> list[dict]:
+    """--keep-shards: preprocess `todo` into OUT/shards (the shards `quovadis preprocess` writes),
+    then return the stored rows of its videos; its failures are this job's."""
     shards_dir = out / SHARDS_DIR
-    _forget_missing_shards(shards_dir, todo)
-    wanted = {video_key(p): p for p in todo}
     pre_cfg = PreprocessConfig(
         out=str(shards_dir), streams=("rgb", "flow") if "flow" in cfg.streams else ("rgb",), decode=cfg.decode,
         shards=cfg.shards, flow=cfg.flow, retry_failed=cfg.retry_failed, address=cfg.address,
-        flow_gpu_share=_gpu_share(cfg, decoding=True),
     )  # fmt: skip
-    result: dict[str, Any] = {}
-    stopped = threading.Event()
-
-    def wait_for_room() -> None:  # in the preprocess thread, before it starts a video
-        while not stopped.is_set() and stage.waiting_shards() >= stage.max_waiting_shards:
-            time.sleep(_POLL_S)
-
-    def decode() -> None:
-        try:
-            result["report"] = preprocess(todo, pre_cfg, before_video=wait_for_room, progress=stage.progress)
-        except BaseException as e:  # re-raised in the driver's thread below
-            result["error"] = e
-
-    thread = threading.Thread(target=decode, name="quovadis-preprocess", daemon=True)
-    thread.start()
-    seen: set[str] = set()
-    try:
-        while True:
-            finished = not thread.is_alive()
-            new = [p for p in list_shards(shards_dir) if p.name not in seen] if shards_dir.is_dir() else []
-            for path in new:
-                seen.add(path.name)
-                stage.add_shard(path, _wanted_videos(path, wanted), owned=True)
-            feed()
-            if finished and not new and not given:
-                break
-            stage.pump(timeout=_POLL_S)
-    finally:
-        stopped.set()  # a failing driver must not leave preprocess waiting for room
-    if "error" in result:
-        raise result["error"]
-    stage.drain()
-    report.extra["nodes"] = result["report"].extra.get("nodes", {})  # where decode and flow ran
-    todo_set = set(todo)
-    for path, reason in result["report"].failed.items():
-        if path in todo_set:
-            stage.fail_input(path, reason)
-    for path in todo:  # a safety net: every input ends ok or failed
-        if path not in report.ok and path not in report.failed:
-            stage.fail_input(path, f"{path}: decoded but no frames reached a shard (see {shards_dir}/report.json)")
-
-
-def _gpu_share(cfg: ExtractConfig, decoding: bool) -> float:
-    """GPUs per I3D actor (and per flow actor): a whole one, or half of one when preprocess puts a
-    flow actor on each GPU too (two actors of one GPU each would leave the flow actors unplaced)."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    shared = decoding and "flow" in cfg.streams and flow_on_gpu(cfg.flow, gpus)
-    return _GPU_SHARE_BESIDE_FLOW if shared else 1.0
-
-
-def _group_by_shard(stored) -> dict[str, dict[str, list[LedgerEntry]]]:
-    grouped: dict[str, dict[str, list[LedgerEntry]]] = {}
-    for shard_dir, entry in stored:
-        grouped.setdefault(shard_dir, {}).setdefault(entry.file, []).append(entry)
-    return grouped
-
-
-def _forget_missing_shards(shards_dir: Path, todo: list[str]) -> None:
-    """Inputs the intermediate manifest records `ok` in a shard that is gone (deleted after a feature
-    run that then failed, or by hand) are dropped from it, so preprocess decodes them again. The
-    intermediate manifest (OUT/shards/manifest.jsonl) belongs to this job alone; it is rewritten
-    atomically."""
-    if not shards_dir.is_dir():
-        return
+    pre = preprocess(todo, pre_cfg, progress=progress)
+    report_nodes = pre.extra.get("nodes", {})
+    sink.report.extra["nodes"] = report_nodes
+    for path, reason in pre.failed.items():
+        sink.fail(path, reason)
     entries = manifest.load(shards_dir)
-    gone = {p for p in todo if (e := entries.get(p)) is not None and e.status == "ok" and not (shards_dir / e.file).is_file()}
-    if not gone:
+    return [
+        graph.row(p, graph.STORED, shard=str(shards_dir / e.file), key=e.key, frames=e.frames, warnings=e.warnings)
+        for p in todo if (e := entries.get(p)) is not None and e.status == "ok" and p not in sink.report.failed
+    ]  # fmt: skip
+
+
+def _run(cfg: ExtractConfig, pcfg: PredictorConfig, rows: list[dict], sink: _FeatureSink) -> None:
+    """Stream `rows` through the graph, each output row into the sink."""
+    if not rows:
         return
-    path = manifest.manifest_path(shards_dir)
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("input") in gone:
-                continue
-        except ValueError:
-            continue
-        keep.append(line + "\n")
-    durable.write_text_atomic(path, "".join(keep))
-    for p in sorted(gone):
-        log.info("%s: its shard is gone, decoding it again", p)
-
-
-def _wanted_videos(path: Path, wanted: dict[str, str]) -> list[tuple[str, str]]:
-    """(input, key) of the videos of a shard that this run wants."""
+    spec = ClipSpec(cfg.clip_len, cfg.stride, cfg.crop, cfg.crop_size, cfg.streams)
+    decode = dataclasses.replace(cfg.decode, segment_frames=clip_segment_frames(cfg.decode.segment_frames, cfg.stride))
+    resources = extract_stages(cfg.streams, cfg.flow)
+    ds = graph.build(rows, decode, spec, cfg.shards.flow_dtype, pcfg, resources, cfg.batch_size)
     try:
-        with h5py.File(path, "r") as f:
-            keys = list(f.keys())
-    except OSError as e:
-        log.warning("cannot open shard %s: %s", path, e)
-        return []
-    return [(wanted[k], k) for k in keys if k in wanted]
+        for r in ds.iter_rows():
+            sink.take(r)
+    except Exception as e:  # the engine gave up (e.g. the model cannot load): exit 3, with its cause
+        raise QuovadisError(f"the extract pipeline stopped: {failure_reason(e)}") from e
 
 
-# -- the feature stage ---------------------------------------------------------------------------------
+# -- the feature sink ----------------------------------------------------------------------------------
 
 
 @dataclass
-class _VideoJob:
+class _Video:
     input: str
-    key: str
-    shard: _ShardJob
-    frames: int = 0
-    fps: float = conventions.FPS
-    starts: list[int] = field(default_factory=list)
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, D)
-    done: int = 0
-    error: str | None = None
+    segments: int | None = None
+    ends: dict[int, SegmentEnd] = field(default_factory=dict)
+    clips: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # start -> output name -> vector
     attrs: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # of its decode, recorded in its shard
-    planned: bool = False  # its clips are queued (until then it has none and is not finished)
-
-    @property
-    def finished(self) -> bool:
-        return self.error is not None or (self.planned and self.done == len(self.starts))
+    frames: int | None = None
+    starts: list[int] = field(default_factory=list)
 
 
-@dataclass
-class _ShardJob:
-    path: Path
-    owned: bool
-    videos: list[_VideoJob] = field(default_factory=list)
-    written: bool = False
+class _FeatureSink:
+    """Assembles each video's features from the graph's output rows and writes them: a video is
+    finished once all its segments have ended and every clip of it has come back. An hdf5 file is
+    written at most every _FLUSH_S seconds (or at _VIDEOS_PER_FILE finished videos) with the
+    videos finished since the last; npy files are written as each video finishes."""
 
+    def __init__(self, cfg: ExtractConfig, out: Path, report: JobReport, attrs: dict[str, Any],
+                 labels: list[str] | None, progress: Progress) -> None:  # fmt: skip
+        self.cfg, self.out, self.report, self.attrs, self.labels, self.progress = cfg, out, report, attrs, labels, progress
+        self.videos: dict[str, _Video] = {}
+        self.finished: set[str] = set()
+        self.pending: list[tuple[_Video, features.VideoFeatures]] = []
+        self.last_write = -float("inf")
+        self.decode_nodes: dict[str, int] = {}
+        self.flow_actors: dict[str, str] = {}  # actor -> node
+        self.busy = {"i3d_s": 0.0, "write_s": 0.0}
 
-@dataclass(frozen=True)
-class _ClipRequest:
-    clip_id: int
-    shard: str
-    key: str
-    start: int
-    frames: int
-    zero_flow: bool  # a one-frame video: no flow field exists; its flow clip is zeros
+    def take(self, r: dict[str, Any]) -> None:
+        path, kind = r["path"], r["kind"]
+        self.busy["i3d_s"] += float(r.get("busy_s", 0.0))
+        if path in self.finished:
+            return  # a late row of a failed video, or a redone one of a finished video
+        p = graph.payload(r)
+        if kind == graph.FAILED:
+            self.fail(path, p["reason"])
+            return
+        video = self.videos.setdefault(path, _Video(path))
+        if kind == graph.END:
+            end: SegmentEnd = p["end"]
+            if end.index not in video.ends:
+                video.ends[end.index] = end
+                self.decode_nodes[p["node"]] = self.decode_nodes.get(p["node"], 0) + 1
+                for warning in end.warnings:  # the worker's own log never reaches the driver
+                    log.warning("%s: %s", path, warning)
+            if video.segments is None:
+                video.segments, video.attrs = p["segments"], p["attrs"]
+                self.progress.expect(path, p["attrs"]["duration"])
+            if len(video.ends) == video.segments and not self._settle(video):
+                return
+        elif kind == graph.FEATURES:
+            if p.get("flow_actor"):
+                node, _ = p["flow_actor"].rsplit(":", 1)
+                self.flow_actors[p["flow_actor"]] = node
+            video.clips[r["start"]] = {n: v for n, v in p.items() if n != "flow_actor"}
+        if video.frames is not None and all(s in video.clips for s in video.starts):
+            self._done(video)
+        elif self.pending and time.monotonic() - self.last_write >= _FLUSH_S:
+            self.flush()
 
-
-class _PredictorActor:
-    """The Ray actor around I3DPredictor: passes loader failures through and times its own work."""
-
-    def __init__(self, cfg: PredictorConfig, use_all_cores: bool) -> None:
-        import torch
-
-        if use_all_cores:  # Ray sets OMP_NUM_THREADS=1 in workers; this actor is the CPU's main user
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        self.predict_batch = I3DPredictor(cfg)
-
-    def predict(self, batch: dict[str, Any]) -> dict[str, Any]:
-        started = time.perf_counter()
-        errors = batch.pop("errors", {})
-        load_s = batch.pop("load_s", 0.0)
-        result = self.predict_batch(batch) if len(batch["clip_id"]) else {"clip_id": batch["clip_id"]}
-        result["errors"] = errors
-        result["busy_s"] = time.perf_counter() - started
-        result["load_s"] = load_s
-        return result
-
-    def ready(self) -> bool:
+    def _settle(self, video: _Video) -> bool:
+        """All segments ended: the video's frame count and clip starts, or its failure (False)."""
+        ends = [video.ends[i] for i in sorted(video.ends)]
+        # a segment other than the last must have decoded all its frames: the container said so
+        full = clip_segment_frames(self.cfg.decode.segment_frames, self.cfg.stride)
+        for end in ends[:-1]:
+            if end.frames != full:
+                self.fail(video.input, f"{video.input}: stream ended at frame {end.index * full + end.frames}, before its container's duration")
+                return False
+        frames = (len(ends) - 1) * full + ends[-1].frames
+        if any(e.total is not None and e.total != frames for e in ends) or frames < 1:
+            self.fail(video.input, f"{video.input}: stream ended at frame {frames}, before its container's duration")
+            return False
+        video.frames = frames
+        video.starts = conventions.clip_starts(frames, self.cfg.clip_len, self.cfg.stride)
         return True
 
+    def _done(self, video: _Video) -> None:
+        self.finished.add(video.input)
+        del self.videos[video.input]
+        names = list(video.clips[video.starts[0]])
+        outputs = {n: np.stack([video.clips[s][n] for s in video.starts]).astype(np.float32) for n in names}
+        fps = video.attrs["fps"]
+        attrs = {**self.attrs, **{k: video.attrs[k] for k in ("short_side", "height", "width")}, "streams": list(self.cfg.streams)}
+        warnings = [w for i in sorted(video.ends) for w in video.ends[i].warnings]
+        result = features.VideoFeatures(
+            video_key(video.input), video.input, fps, video.frames, self.cfg.clip_len, np.asarray(video.starts, np.int64),
+            {s: outputs[s] for s in STREAMS if s in outputs}, {n: outputs[n] for n in features.LOGIT_NAMES if n in outputs},
+            attrs, warnings,
+        )  # fmt: skip
+        self.pending.append((video, result))
+        if self.cfg.format == "npy" or len(self.pending) >= _VIDEOS_PER_FILE or time.monotonic() - self.last_write >= _FLUSH_S:
+            self.flush()
 
-class _FeatureStage:
-    """Clips of queued shards -> loader tasks -> predictor actors -> feature files (in the driver)."""
-
-    def __init__(self, cfg: ExtractConfig, pcfg: PredictorConfig, out: Path, report: JobReport,
-                 attrs: dict[str, Any], labels: list[str] | None, progress: Progress, decoding: bool,
-                 recorded: dict[str, LedgerEntry]) -> None:  # fmt: skip
-        self.cfg, self.out, self.report, self.attrs, self.labels = cfg, out, report, attrs, labels
-        self.progress = progress
-        self.indexed = {video_key(p) for p in recorded}  # keys with an index line: their shards may go
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus > 0:
-            # no CPU slot: its CPU work is small, and slots held by GPU actors could starve decoding
-            n, options, all_cores = gpus, {"num_gpus": _gpu_share(cfg, decoding), "num_cpus": 0}, False
-        else:  # leave the decode task and the flow actors their CPU slots: never stall preprocess
-            placement = cpu_flow_placement() if decoding else []  # a CPU per node for decode, and the flow actors'
-            flow = sum(n * share for _, n, share in placement) if "flow" in cfg.streams else 0.0
-            reserved = len(placement) + flow
-            n, options, all_cores = 1, {"num_cpus": max(0.0, min(1.0, cpus - reserved))}, True
-        actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **options)(_PredictorActor)
-        self.actors = [actor.remote(pcfg, all_cores) for _ in range(n)]
-        try:  # the model loads once per actor; a load failure stops the job here, not per batch
-            ray.get([a.ready.remote() for a in self.actors])
-        except Exception as e:
-            for a in self.actors:
-                ray.kill(a)
-            raise QuovadisError(f"the I3D predictor could not start: {failure_reason(e)}") from e
-        self.in_flight: dict[Any, tuple[int, list[_ClipRequest]]] = {}
-        self.per_actor = [0] * n
-        self.max_per_actor = _BATCHES_PER_ACTOR * (2 if gpus > 0 else 1)  # a GPU drains faster than loaders fill
-        self.queues: OrderedDict[tuple, deque[_ClipRequest]] = OrderedDict()  # batch kind -> clips
-        self.clips: dict[int, _VideoJob] = {}
-        self.clip_index: dict[int, int] = {}
-        self.next_clip = 0
-        self.shards: list[_ShardJob] = []  # added and not yet written
-        self.max_waiting_shards = _WAITING_SHARDS_PER_ACTOR * n
-        self.busy = {"load_s": 0.0, "i3d_s": 0.0, "write_s": 0.0}
-
-    # -- input ---------------------------------------------------------------------------------------
-
-    def add_shard(self, path: Path, videos: list[tuple[str, str]], owned: bool) -> None:
-        """Queue the clips of `videos` ((input, key) pairs) of the shard at `path`."""
-        shard = _ShardJob(Path(path), owned)
-        self.shards.append(shard)
-        shard.videos = [_VideoJob(inp, key, shard) for inp, key in videos]  # all first: see finished
-        try:
-            reader = ShardReader(shard.path)
-        except QuovadisError as e:
-            for video in shard.videos:
-                self._fail(video, str(e))
+    def flush(self) -> None:
+        """Write the finished videos not yet written (one hdf5 file, or npy files), with index lines."""
+        if not self.pending:
             return
-        with reader:
-            for video in shard.videos:
-                try:
-                    self._plan(video, reader[video.key])
-                except (QuovadisError, OSError, KeyError, ValueError) as e:
-                    self._fail(video, f"{video.input}: {e}")
-        self._check_shard(shard)
-
-    def _plan(self, video: _VideoJob, stored) -> None:
-        video.frames, video.fps, video.warnings = stored.frames, stored.fps, stored.warnings
-        self.progress.expect(video.input, stored.frames / stored.fps)  # known already when decoded by this job
-        zero_flow = "flow" in self.cfg.streams and stored.frames < 2
-        if "flow" in self.cfg.streams and not zero_flow and "flow" not in stored.streams:
-            raise QuovadisError(f"{stored.shard_path} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
-        if self.cfg.crop == "center" and min(stored.height, stored.width) < self.cfg.crop_size:
-            raise QuovadisError(f"frames {stored.height}x{stored.width} are smaller than --crop-size {self.cfg.crop_size}; use --crop full or a smaller --crop-size")
-        video.starts = conventions.clip_starts(stored.frames, self.cfg.clip_len, self.cfg.stride)
-        decode_cfg = json.loads(stored.attrs.get("config", "{}")).get("decode", {})
-        video.attrs = {"short_side": decode_cfg.get("short_side", -1), "height": stored.height, "width": stored.width}
-        size = (stored.height, stored.width) if self.cfg.crop == "full" else (self.cfg.crop_size,) * 2
-        flow_kind = "none" if "flow" not in self.cfg.streams else "zeros" if zero_flow else str(stored.group["flow"].dtype)
-        kind = (size, flow_kind)
-        queue = self.queues.setdefault(kind, deque())
-        for i, start in enumerate(video.starts):
-            cid = self.next_clip
-            self.next_clip += 1
-            self.clips[cid], self.clip_index[cid] = video, i
-            queue.append(_ClipRequest(cid, str(video.shard.path), video.key, start, stored.frames, zero_flow))
-        video.planned = True
-
-    def fail_input(self, path: str, reason: str) -> None:
-        """An input that never reached a shard (decode failed): its index line and report entry."""
-        if path in self.report.failed:
-            return
-        self._record_failed([_VideoJob(path, video_key(path), _ShardJob(Path(), False), error=reason)])
-
-    # -- running -------------------------------------------------------------------------------------
-
-    def pump(self, timeout: float) -> None:
-        """Submit what the actors can take, then collect what finished within `timeout` seconds."""
-        self._submit()
-        if not self.in_flight:
-            time.sleep(timeout)
-            return
-        ready, rest = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
-        if ready and rest:
-            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-        for ref in ready:
-            self._collect(ref)
-
-    def drain(self) -> None:
-        while self.in_flight or any(self.queues.values()):
-            self.pump(timeout=1.0)
-        for shard in list(self.shards):
-            self._check_shard(shard)
-
-    def waiting_shards(self) -> int:
-        """Shards added and not yet written (also read from the preprocess thread)."""
-        return len(self.shards)
-
-    def _submit(self) -> None:
-        for a in sorted(range(len(self.actors)), key=lambda i: self.per_actor[i]):
-            while self.per_actor[a] < self.max_per_actor:
-                batch = self._next_batch(full_only=self.per_actor[a] > 0)
-                if not batch:
-                    break
-                load = _load_clips.remote(batch, self.cfg.streams, self.cfg.clip_len, self.cfg.crop, self.cfg.crop_size)
-                ref = self.actors[a].predict.remote(load)
-                self.in_flight[ref] = (a, batch)
-                self.per_actor[a] += 1
-
-    def _next_batch(self, full_only: bool) -> list[_ClipRequest]:
-        """Up to batch_size clips of one kind (size, flow dtype), oldest kind first, across videos.
-        A partial batch only goes to an idle actor."""
-        for kind, queue in list(self.queues.items()):
-            while queue and self.clips[queue[0].clip_id].error is not None:
-                queue.popleft()
-            if not queue:
-                del self.queues[kind]
-                continue
-            if full_only and len(queue) < self.cfg.batch_size:
-                continue
-            batch = []
-            while queue and len(batch) < self.cfg.batch_size:
-                clip = queue.popleft()
-                if self.clips[clip.clip_id].error is None:
-                    batch.append(clip)
-            if batch:
-                return batch
-        return []
-
-    def _collect(self, ref) -> None:
-        actor, batch = self.in_flight.pop(ref)
-        self.per_actor[actor] -= 1
-        try:
-            result = ray.get(ref)
-        except Exception as e:  # a batch's failure fails its videos, never the job
-            for clip in batch:
-                video = self.clips[clip.clip_id]
-                self._fail(video, failure_reason(e, video.input))
-            return
-        self.busy["i3d_s"] += result.get("busy_s", 0.0)
-        self.busy["load_s"] += result.get("load_s", 0.0)
-        for cid, reason in result["errors"].items():
-            video = self.clips[cid]
-            self._fail(video, f"{video.input}: {reason}")
-        names = [n for n in (*STREAMS, *features.LOGIT_NAMES) if n in result]
-        for row, cid in enumerate(result["clip_id"].tolist()):
-            video = self.clips.pop(cid)
-            i = self.clip_index.pop(cid)
-            if video.error is not None:
-                continue
-            for name in names:
-                arr = video.outputs.get(name)
-                if arr is None:
-                    arr = video.outputs[name] = np.zeros((len(video.starts), result[name].shape[1]), np.float32)
-                arr[i] = result[name][row]
-            video.done += 1
-            if video.finished:
-                self._check_shard(video.shard)
-
-    # -- output --------------------------------------------------------------------------------------
-
-    def _fail(self, video: _VideoJob, reason: str) -> None:
-        """Mark a video failed; its index line is written with its shard's features."""
-        if video.error is not None:
-            return
-        video.error = reason if reason.startswith(video.input) else f"{video.input}: {reason}"
-        log.warning("%s", video.error)
-        self._check_shard(video.shard)
-
-    def _record_failed(self, videos: list[_VideoJob]) -> None:
-        features.append_index(self.out, [LedgerEntry.failed(v.input, v.error) for v in videos])
-        self.indexed.update(v.key for v in videos)
-        for v in videos:
-            self.report.failed[v.input] = v.error
-            self.progress.done(v.input, failed=True)
-
-    def _check_shard(self, shard: _ShardJob) -> None:
-        """Write the shard's features once all its videos are finished, then drop the shard."""
-        if shard.written or not all(v.finished for v in shard.videos):
-            return
-        shard.written = True
         started = time.perf_counter()
-        ok = [v for v in shard.videos if v.error is None]
-        results = [self._features_of(v) for v in ok]
+        self.last_write = time.monotonic()
+        batch, self.pending = self.pending, []
         try:
             if self.cfg.format == "hdf5":
-                features.write_hdf5(self.out, results, dtype=self.cfg.feature_dtype, labels=self.labels)
+                features.write_hdf5(self.out, [r for _, r in batch], dtype=self.cfg.feature_dtype, labels=self.labels)
             else:
-                for r in results:
+                for _, r in batch:
                     features.write_npy(self.out, r, dtype=self.cfg.feature_dtype)
         except QuovadisError as e:
-            for v in ok:
-                v.error = f"{v.input}: {e}"
-            ok = []
-        self._record_failed([v for v in shard.videos if v.error is not None])
-        self.indexed.update(v.key for v in ok)
-        for v, r in zip(ok, results):
-            self.report.ok.append(v.input)
-            self.report.frames += v.frames
-            self.report.video_seconds += v.frames / v.fps
-            self.report.clips += len(v.starts)
-            if v.warnings:
-                self.report.warnings[v.input] = v.warnings
-            self.progress.done(v.input, v.frames / v.fps)
-            if "logits" in r.logits:
-                self._log_top5(v, r.logits["logits"])
-        self.busy["write_s"] += time.perf_counter() - started
-        for v in shard.videos:
-            v.outputs = {}
-        self.shards.remove(shard)
-        if shard.owned and not self.cfg.keep_shards:
-            self._delete_shard(shard)
-
-    def _delete_shard(self, shard: _ShardJob) -> None:
-        """Delete an intermediate shard whose every video now has an index line (this run's or an
-        earlier one's); a shard holding anything else is kept."""
-        try:
-            with h5py.File(shard.path, "r") as f:
-                keys = set(f.keys())
-        except OSError:
+            for video, _ in batch:
+                self._record_failure(video.input, f"{video.input}: {e}")
             return
-        if keys <= self.indexed:
-            shard.path.unlink(missing_ok=True)
-            log.debug("deleted %s", shard.path)
+        finally:
+            self.busy["write_s"] += time.perf_counter() - started
+        for video, r in batch:
+            self.report.ok.append(video.input)
+            self.report.frames += r.frames
+            self.report.video_seconds += r.frames / r.fps
+            self.report.clips += r.clips
+            if r.warnings:
+                self.report.warnings[video.input] = r.warnings
+            self.progress.done(video.input, r.frames / r.fps)
+            if "logits" in r.logits:
+                self._log_top5(video.input, r.logits["logits"])
+        self._note_nodes()
 
-    def _features_of(self, v: _VideoJob) -> features.VideoFeatures:
-        feats = {s: v.outputs[s] for s in STREAMS if s in v.outputs}
-        logits = {n: v.outputs[n] for n in features.LOGIT_NAMES if n in v.outputs}
-        attrs = {**self.attrs, **v.attrs, "streams": list(self.cfg.streams)}
-        return features.VideoFeatures(v.key, v.input, v.fps, v.frames, self.cfg.clip_len,
-                                      np.asarray(v.starts, np.int64), feats, logits, attrs, v.warnings)  # fmt: skip
+    def fail(self, path: str, reason: str) -> None:
+        """Fail an input: its index line and report entry; rows of it still to come are dropped."""
+        if path in self.finished:
+            return
+        self.finished.add(path)
+        self.videos.pop(path, None)
+        self._record_failure(path, reason if reason.startswith(path) else f"{path}: {reason}")
 
-    def _log_top5(self, v: _VideoJob, logits: np.ndarray) -> None:
+    def _record_failure(self, path: str, reason: str) -> None:
+        log.warning("%s", reason)
+        try:
+            features.append_index(self.out, [LedgerEntry.failed(path, reason)])
+        except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
+            log.error("%s", e)
+        self.report.failed[path] = reason
+        self.progress.done(path, failed=True)
+
+    def _note_nodes(self) -> None:
+        flow_nodes: dict[str, int] = {}
+        for node in self.flow_actors.values():
+            flow_nodes[node] = flow_nodes.get(node, 0) + 1
+        nodes = self.report.extra.setdefault("nodes", {})
+        if self.decode_nodes:  # (with --keep-shards preprocess's own count stays)
+            nodes.update(decode_segments=dict(self.decode_nodes), flow_actors=flow_nodes)
+        self.report.extra["stage_busy_s"] = dict(self.busy)
+
+    def _log_top5(self, path: str, logits: np.ndarray) -> None:
         scores = logits.mean(0)
         top = np.argsort(-scores)[:5]
         names = self.labels or []
         text = ", ".join(f"{names[i] if i < len(names) else i} ({scores[i]:.2f})" for i in top)
-        log.info("%s top-5: %s", v.input, text)
-
-    def close(self) -> None:
-        self.report.extra["stage_busy_s"] = dict(self.busy)
-        for a in self.actors:
-            ray.kill(a)
-
-
-@ray.remote(num_cpus=0, max_retries=TASK_RETRIES)
-def _load_clips(batch: list[_ClipRequest], streams: tuple[str, ...], clip_len: int, crop: str, crop_size: int) -> dict[str, Any]:
-    """Read a batch of clips from their shards: uint8 rgb (N, T, h, w, 3), stored flow (N, T, h, w, 2)
-    (zeros float32 for one-frame videos) and clip ids; a clip that cannot be read goes to `errors`."""
-    started = time.perf_counter()
-    rows: dict[str, list[np.ndarray]] = {s: [] for s in streams}
-    ids: list[int] = []
-    errors: dict[int, str] = {}
-    files: dict[str, h5py.File] = {}
-    try:
-        for clip in batch:
-            try:
-                f = files.get(clip.shard) or files.setdefault(clip.shard, h5py.File(clip.shard, "r"))
-                group = f[clip.key]
-                height, width = group["rgb"].shape[1:3]
-                if crop == "full":
-                    region = (slice(None), slice(None))
-                else:
-                    top, left = (height - crop_size) // 2, (width - crop_size) // 2
-                    region = (slice(top, top + crop_size), slice(left, left + crop_size))
-                got = {}
-                if "rgb" in streams:
-                    got["rgb"] = read_frames(group["rgb"], conventions.clip_frame_indices(clip.start, clip_len, clip.frames), region)
-                if "flow" in streams:
-                    if clip.zero_flow:
-                        h = crop_size if crop == "center" else height
-                        w = crop_size if crop == "center" else width
-                        got["flow"] = np.zeros((clip_len, h, w, 2), np.float32)
-                    else:
-                        indices = conventions.clip_flow_indices(clip.start, clip_len, clip.frames)
-                        got["flow"] = read_frames(group["flow"], indices, region)
-            except (OSError, KeyError, ValueError) as e:
-                errors[clip.clip_id] = f"cannot read clip at frame {clip.start} from {clip.shard}: {e}"
-                continue
-            for s in streams:
-                rows[s].append(got[s])
-            ids.append(clip.clip_id)
-    finally:
-        for f in files.values():
-            f.close()
-    out: dict[str, Any] = {"clip_id": np.asarray(ids, np.int64), "errors": errors}
-    for s in streams:
-        if rows[s]:
-            out[s] = np.stack(rows[s])
-    out["load_s"] = time.perf_counter() - started
-    return out
+        log.info("%s top-5: %s", path, text)

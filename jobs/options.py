@@ -93,12 +93,12 @@ def extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logits", action="store_true", help="also store per-clip class scores (logits)")
     p.add_argument("--class-names", default=None, help="class names, one per line (e.g. label_map.txt); logs each video's top-5")
     p.add_argument("--labels", action=RenamedOption, new="--class-names")
-    p.add_argument("--shard-size", default="256M", help="size of the intermediate shards (default 256M)")
+    p.add_argument("--shard-size", default="256M", help="shard file size with --keep-shards (default 256M)")
     p.add_argument("--segment-seconds", type=float, default=60.0, help="long videos are decoded in segments of this length by different workers")
     _decode_timeout(p)
     p.add_argument("--flow-backend", choices=FLOW_BACKENDS, default="torch", help="TV-L1 implementation (default torch)")
     p.add_argument("--flow-device", default=None, help="force the flow device, e.g. cpu or cuda:0")
-    p.add_argument("--keep-shards", action="store_true", help="keep the intermediate shards in OUT/shards")
+    p.add_argument("--keep-shards", action="store_true", help="also store the decoded frames (and flow) as shards in OUT/shards, as preprocess does; without it no frame is written to disk")
     _run_options(p)
 
 

@@ -21,7 +21,6 @@ import logging
 import math
 import re
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
+from quovadis.jobs.resources import cpu_flow_config, cpu_flow_placement, flow_on_gpu
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, QuovadisError
@@ -56,13 +56,10 @@ class PreprocessConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     retry_failed: bool = False
     address: str | None = None
-    flow_gpu_share: float = 1.0  # GPUs each flow actor reserves; extract runs one beside each I3D actor
 
     def __post_init__(self) -> None:
         if not self.streams or "rgb" not in self.streams or set(self.streams) - set(STREAMS):
             raise ConfigError(f"--streams must be 'rgb' or 'rgb,flow', got {','.join(self.streams)!r}")
-        if not 0 < self.flow_gpu_share <= 1:
-            raise ConfigError(f"flow_gpu_share must be in (0, 1], got {self.flow_gpu_share}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,14 +96,13 @@ def run(args: argparse.Namespace) -> JobReport:
 
 
 def preprocess(
-    inputs: list[str], cfg: PreprocessConfig, before_video: Callable[[], None] | None = None,
-    *, ignored: list[dict[str, str]] | None = None, progress: Progress | None = None,
+    inputs: list[str], cfg: PreprocessConfig, *, ignored: list[dict[str, str]] | None = None,
+    progress: Progress | None = None,
 ) -> JobReport:
     """Preprocess `inputs` into cfg.out; returns the report (also written as report.json).
 
-    `before_video` is called before each video is started: extract blocks there while enough
-    finished shards wait for I3D (backpressure across the two stages). `ignored`: what the
-    directory scan passed over (jobs.inputs), for the report. `progress`: the caller's bar (extract's):
+    `ignored`: what the directory scan passed over (jobs.inputs), for the report. `progress`: the
+    caller's bar (extract --keep-shards):
     preprocess then announces each probed video on it and leaves counting it done to the caller;
     without it preprocess shows its own."""
     out = Path(cfg.out)
@@ -122,7 +118,7 @@ def preprocess(
             if cfg.address:  # a cluster: every node must write into the same OUT
                 check_shared_out(out)
             with contextlib.nullcontext(progress) if progress else Progress("preprocess") as bar:
-                scheduler = _Scheduler(cfg, out, report, before_video, bar, counts_done=progress is None)
+                scheduler = _Scheduler(cfg, out, report, bar, counts_done=progress is None)
                 scheduler.run(todo)
             _settle(report, todo, manifest.load(out), scheduler.writer_error, cfg.decode.fps)
         report.finish()
@@ -131,34 +127,6 @@ def preprocess(
         except OSError as e:  # a full disk must not hide the summary
             log.error("cannot write %s/report.json: %s", out, e)
     return report
-
-
-def flow_on_gpu(cfg: FlowConfig, gpus: int) -> bool:
-    """Whether preprocess runs its flow actors on the cluster's GPUs (one per GPU)."""
-    return gpus > 0 and cfg.backend == "torch" and (cfg.device is None or cfg.device.startswith("cuda"))
-
-
-def cpu_flow_actors(cpus: int) -> tuple[int, float]:
-    """(actors, Ray CPUs each) for flow on the CPU, the one place that splits CPUs between stages.
-
-    Flow costs ~10x decode per frame, so each core runs one single-threaded flow actor, except a
-    tenth of the cores (at least one) left to the probe and decode tasks (1 CPU each). The actors
-    share what is left in fractions, so a whole CPU always stays free for decode and a 1- or
-    2-CPU machine never stalls (1 CPU: one actor holding none; 2: two actors of 0.5).
-    """
-    decode = max(1, cpus // 10)
-    actors = max(1, cpus - cpus // 10)
-    return actors, max(0, cpus - decode) / actors
-
-
-def cpu_flow_placement() -> list[tuple[str, int, float]]:
-    """(node id, actors, CPUs each) of the CPU flow actors: `cpu_flow_actors` of each alive node
-    with a CPU, so that every node keeps a whole CPU for decode tasks (actors of a fraction of a CPU
-    packed across nodes could leave no node a whole one, and decode would never be scheduled)."""
-    return [
-        (node["NodeID"], *cpu_flow_actors(int(node["Resources"]["CPU"])))
-        for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
-    ]  # fmt: skip
 
 
 def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry], writer_error: str | None, fps: float) -> None:
@@ -193,9 +161,8 @@ class _Video:
 class _Scheduler:
     """Keeps a bounded number of probe and segment tasks in flight and reacts as each finishes."""
 
-    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, before_video: Callable[[], None] | None,
-                 progress: Progress, counts_done: bool) -> None:  # fmt: skip
-        self.cfg, self.out, self.report, self.before_video = cfg, out, report, before_video
+    def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, progress: Progress, counts_done: bool) -> None:
+        self.cfg, self.out, self.report = cfg, out, report
         self.progress, self.counts_done = progress, counts_done
         cpus = int(ray.cluster_resources().get("CPU", 1))
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -206,7 +173,7 @@ class _Scheduler:
         self.flow_actors = []
         if "flow" in cfg.streams:
             if flow_on_gpu(cfg.flow, gpus):
-                placement = [{"num_gpus": cfg.flow_gpu_share, "num_cpus": 0}] * gpus  # decode tasks keep every CPU slot
+                placement = [{"num_gpus": 1, "num_cpus": 0}] * gpus  # decode tasks keep every CPU slot
                 flow_cfg = cfg.flow
             else:
                 placement = [
@@ -214,8 +181,7 @@ class _Scheduler:
                     {"num_cpus": share, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
                     for node, n, share in cpu_flow_placement() for _ in range(n)
                 ]  # fmt: skip
-                # Ray sets OMP_NUM_THREADS from num_cpus; say how many threads torch uses instead
-                flow_cfg = dataclasses.replace(cfg.flow, cpu_threads=cfg.flow.cpu_threads or 1)
+                flow_cfg = cpu_flow_config(cfg.flow)
             # a lost actor is restarted and its in-flight chunk redone (flow is a pure function)
             actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_FlowActor)
             self.flow_actors = [actor.options(**res).remote(flow_cfg, cfg.shards.flow_dtype) for res in placement]
@@ -244,6 +210,8 @@ class _Scheduler:
                     log.error("%s", self.writer_error)
                     break
         self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self._flow_nodes()}
+        for actor in [*self.flow_actors, self.writer]:  # their CPUs go back to the cluster now, not at GC
+            ray.kill(actor)
 
     def _run_queued(self) -> None:
         while self.probes or self.segments or self.in_flight:
@@ -252,8 +220,6 @@ class _Scheduler:
                     video, seg = self.segments.popleft()
                     self._submit_segment(video, seg)
                 else:
-                    if self.before_video is not None:
-                        self.before_video()
                     video = self.probes.popleft()
                     self.in_flight[_probe.remote(video.path)] = ("probe", video, None, video.attempt)
             [ref], _ = ray.wait(list(self.in_flight), num_returns=1)

@@ -52,7 +52,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, **kwargs)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the job shows its own bar
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # not lines per dataset run; our report says what failed
 
 
 def code_runtime_env(tmp: Path) -> dict:

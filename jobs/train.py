@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from quovadis.jobs.evaluate import eval_dataset, topk_accuracy, video_logits
 from quovadis.jobs.labels import LabelledVideo, load_labels
 from quovadis.jobs.report import JobReport
+from quovadis.jobs.resources import train_workers
 from quovadis.jobs.runtime import init_ray, out_dir_lock
 from quovadis.models.archs import ARCHS, build, checkpoint_arch, load_model, model_inputs, save_model
 from quovadis.models.fast import PRECISIONS, autocast
@@ -665,23 +666,6 @@ def _as_saved_today(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def _scaling(cfg: TrainConfig) -> tuple[int, bool, dict[str, float], int | None]:
-    """(workers, use_gpu, resources per worker, torch threads per worker or None for the worker's
-    own CPU count) for the connected cluster."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        workers = cfg.num_workers or gpus
-        cpus = cfg.cpus_per_worker or cfg.loader_workers + 1
-        return workers, True, {"CPU": cpus, "GPU": 1}, cpus
-    # CPU-only: one worker by default, whose torch threads use the node's cores; it reserves at
-    # most the CPUs that are free, so a small machine never waits on its own reservation
-    workers = cfg.num_workers or 1
-    free = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
-    return workers, False, {"CPU": min(cfg.cpus_per_worker or free, free)}, cfg.cpus_per_worker
-
-
 def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
     """Run (or resume) a training run; returns the report also written to RUN_DIR/report.json."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -705,7 +689,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        workers, use_gpu, resources, threads = _scaling(cfg)
+        workers, use_gpu, resources, threads = train_workers(cfg.num_workers, cfg.cpus_per_worker, cfg.loader_workers)
         log.info("training %s %s on %d videos (%d val, %d classes) with %d Ray Train worker(s)%s",
                  cfg.arch, cfg.stream, len(train_videos), len(val_videos), len(labels.classes), workers,
                  " on GPUs" if use_gpu else " on CPU")  # fmt: skip

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_outputs_shapes_timestamps_and_attributes(rgb_run):
     index = load_index(out)
     assert {p for p, e in index.items() if e.status == "ok"} == set(rgb_run["videos"])
     files = {e.file for e in index.values() if e.status == "ok"}
-    assert len(files) == len(list_shards(out / "shards")) and all(f.startswith("features-") for f in files)  # one per shard
+    assert 1 <= len(files) <= 3 and all(f.startswith("features-") for f in files)  # finished videos share files
     sha = sha256_of(_weights("rgb"))
     expected_frames = {"decord_video_90_rot.mov": 3, "issue-236_h264_1080p23.976.mkv": 50, "cars_320x240.h265": 30}
     # clip length 16, stride 20: every start that fits, then the first that runs past the end (looped)
@@ -244,32 +245,27 @@ def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path)
 
 
 
-def test_shard_directory_clips_enter_a_few_shards_at_a_time(ray_session, tmp_path, monkeypatch):
-    """From a shard directory, the driver queues the clips of at most max_waiting_shards shards at
-    once (not the whole archive's before the first batch) and every video is still done."""
-    from quovadis.jobs import extract as extract_job
-
+def test_shard_directory_input_equals_decoding_the_videos(ray_session, tmp_path):
+    """Clips read from shards (6 of them, one video each) and clips straight from the decoder
+    (segments of 8 frames: clips cross segment borders) give the same features."""
     (tmp_path / "v").mkdir()
     for i in range(6):
-        make_video(tmp_path / "v" / f"{i}.mp4", fps=25, duration=0.4, size=(96, 64))
+        make_video(tmp_path / "v" / f"{i}.mp4", fps=25 + 5 * i, duration=0.4 + 0.1 * i, size=(96, 64))
     shards = tmp_path / "shards"
     for i in range(6):  # one run per video: one video per shard
         assert main(["preprocess", str(tmp_path / "v" / f"{i}.mp4"), "--out", str(shards), "--streams", "rgb",
                      "--short-side", "64"]) == EXIT_OK  # fmt: skip
     assert len(list_shards(shards)) == 6
-    most = [0]
-    add_shard = extract_job._FeatureStage.add_shard
-
-    def counting(stage, *args, **kwargs):
-        add_shard(stage, *args, **kwargs)
-        most[0] = max(most[0], len(stage.shards))
-        assert len(stage.shards) <= stage.max_waiting_shards
-
-    monkeypatch.setattr(extract_job._FeatureStage, "add_shard", counting)
-    out = tmp_path / "out"
-    assert main(["extract", str(shards), "--out", str(out), "--streams", "rgb", "--clip-len", "8", "--crop-size", "56",
-                 "--weights-rgb", _weights("rgb")]) == EXIT_OK  # fmt: skip
-    assert len(_all_features(out)) == 6 and 1 <= most[0] <= 2
+    common = ["--streams", "rgb", "--clip-len", "8", "--stride", "6", "--crop-size", "56", "--weights-rgb", _weights("rgb")]
+    assert main(["extract", str(shards), "--out", str(tmp_path / "from_shards"), *common]) == EXIT_OK
+    assert main(["extract", str(tmp_path / "v"), "--out", str(tmp_path / "decoded"), "--short-side", "64",
+                 "--segment-seconds", "0.32", *common]) == EXIT_OK  # fmt: skip
+    got, want = _all_features(tmp_path / "decoded"), _all_features(tmp_path / "from_shards")
+    assert set(got) == set(want) and len(got) == 6
+    for path in want:
+        assert got[path]["frames"] == want[path]["frames"]
+        np.testing.assert_array_equal(got[path]["starts"], want[path]["starts"])
+        _close(got[path]["rgb"], want[path]["rgb"])
 
 
 # -- two streams, npy ---------------------------------------------------------------------------------------
@@ -313,34 +309,34 @@ def test_a_video_failing_first_in_its_shard_does_not_drop_the_others(ray_session
     assert _all_features(out)[str(big)]["rgb"].shape == (1, 1024)
 
 
-def test_decoding_pauses_while_decoded_shards_wait_for_i3d(ray_session, tmp_path):
-    """Preprocess starts no new video while two finished shards per I3D actor wait, so the
-    intermediate shards on disk stay few (2 waiting + at most 3 videos already started here)
-    whatever the number of videos. (On these 2 cores decoding and I3D share the CPU and rarely
-    drift apart; the bound matters where decoding outruns I3D.)"""
+def test_extract_from_videos_writes_no_frames_to_disk(ray_session, tmp_path):
+    """Without --keep-shards no shard is ever written: every file that appears in OUT during the run
+    is a feature file, the index, the settings, the report or the lock."""
     (tmp_path / "v").mkdir()
-    for i in range(10):
-        make_video(tmp_path / "v" / f"{i}.mp4", fps=25, duration=0.4, size=(320, 240))
+    for i in range(4):
+        make_video(tmp_path / "v" / f"{i}.mp4", fps=25, duration=0.6, size=(160, 120))
     out = tmp_path / "out"
-    most, running = [0], threading.Event()
+    seen: set[str] = set()
+    running = threading.Event()
 
     def watch() -> None:
         while not running.is_set():
-            if (out / "shards").is_dir():
-                most[0] = max(most[0], len(list_shards(out / "shards")))
-            time.sleep(0.01)
+            if out.is_dir():
+                seen.update(str(p.relative_to(out)) for p in out.rglob("*"))
+            time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        rc = main(["extract", str(tmp_path / "v"), "--out", str(out), "--streams", "rgb", "--clip-len", "32",
-                   "--short-side", "128", "--crop-size", "112", "--batch-size", "1", "--shard-size", "1K",
-                   "--weights-rgb", _weights("rgb")])  # fmt: skip
+        rc = main(["extract", str(tmp_path / "v"), "--out", str(out), "--streams", "rgb,flow", "--clip-len", "8",
+                   "--short-side", "64", "--crop-size", "56", "--flow-backend", "opencv",
+                   "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
     finally:
         running.set()
         watcher.join()
-    assert rc == EXIT_OK and len(_all_features(out)) == 10
-    assert 1 <= most[0] <= 5, f"{most[0]} finished shards waited at once"
+    assert rc == EXIT_OK and len(_all_features(out)) == 4
+    allowed = re.compile(r"(features-\d+\.h5(\.tmp)?|index\.jsonl|settings\.json(\.tmp)?|report\.json(\.tmp)?|\.quovadis.*)")
+    assert seen and all(allowed.fullmatch(name) for name in seen), sorted(seen)
 
 
 ONE_GPU_CLUSTER = """
@@ -416,33 +412,29 @@ def test_two_streams_split_across_workers_equal_unsplit(ray_session, tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
-    """Killed as soon as the first intermediate shard is final (decode ahead of I3D, features of
-    that shard not yet all written); the re-run takes that shard as it is and decodes the rest."""
+    """Killed as soon as the first features are written (other videos still in the graph); the re-run
+    keeps what was written, never rewrites it, and does the rest."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "quovadis", "extract", str(uninterrupted["dir"]), "--out", str(out), *uninterrupted["common"]]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     job = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and job.poll() is None:
-        if (out / "shards").is_dir() and list_shards(out / "shards"):
+        if (out / "index.jsonl").is_file() and load_index(out):
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started
     job.wait()
     done_before = {p for p, e in load_index(out).items() if e.status == "ok"}
-    stored_before = set()
-    for shard in list_shards(out / "shards"):
-        with h5py.File(shard, "r") as f:
-            stored_before |= {f[k].attrs["source_path"] for k in f}
-    assert stored_before and len(done_before) < 4, "the job was not killed mid-run"
+    files_before = {p.name: p.read_bytes() for p in out.glob("features-*.h5")}
+    assert done_before and len(done_before) < 4, f"the job was not killed mid-run: {done_before}"
 
     resumed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == EXIT_OK, resumed.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["skipped"]) == done_before and set(report["ok"]) == set(uninterrupted["videos"]) - done_before
-    decoded_again = set(json.loads((out / "shards" / "report.json").read_text())["ok"])
-    assert not decoded_again & stored_before  # the shards of the killed run were used, not redone
-    assert not list(out.glob("*.tmp")) and not list_shards(out / "shards")  # shards deleted once used
+    assert all((out / name).read_bytes() == data for name, data in files_before.items())
+    assert not list(out.glob("*.tmp")) and not (out / "shards").exists()
     _assert_same(uninterrupted["ref"], _all_features(out))
 
 

@@ -1,7 +1,8 @@
-"""Injected faults: a process of the job is SIGKILLed mid-run (a flow actor, a decode worker, the
-shard writer, an I3D actor); Ray's retries and restarts (and, for the writer, a new writer and the
-videos of its lost shard done again) redo the lost work, so every video ends `ok` and the output
-equals an uninterrupted run's."""
+"""Injected faults: a process of the job is SIGKILLed mid-run (preprocess: a flow actor, a decode
+worker, the shard writer; extract: a decode task, a flow actor and an I3D actor of its Ray Data
+graph); Ray's retries and restarts (and, for the writer, a new writer and the videos of its lost
+shard done again) redo the lost work, so every video ends `ok` and the output equals an
+uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -119,20 +120,30 @@ def _features(out: Path) -> dict[str, features.VideoFeatures]:
     return {e.input: features.read_video(out, e) for e in features.load_index(out).values() if e.status == "ok"}
 
 
-def test_extract_survives_a_killed_i3d_actor(ray_session, videos, tmp_path):
-    weights = str(shared_path("i3d", "rgb_random_init.pt"))
+def _extract_cfg(out: Path) -> ExtractConfig:
+    weights = {s: str(shared_path("i3d", f"{s}_random_init.pt")) for s in ("rgb", "flow")}
+    predictor = PredictorConfig(streams=("rgb", "flow"), weights_rgb=weights["rgb"], weights_flow=weights["flow"])
+    # segments of 16 frames: several decode tasks per video, clips across their borders
+    decode = DecodeConfig(short_side=64, segment_frames=16)
+    return ExtractConfig(out=str(out), clip_len=8, crop_size=56, batch_size=2, decode=decode, flow=FLOW, predictor=predictor)
 
-    def cfg(out: Path) -> ExtractConfig:
-        predictor = PredictorConfig(streams=("rgb",), weights_rgb=weights)
-        return ExtractConfig(out=str(out), streams=("rgb",), clip_len=8, crop_size=56, batch_size=2,
-                             decode=SMALL, predictor=predictor)  # fmt: skip
 
-    plain = extract(videos, cfg(tmp_path / "plain"))
-    killed = _with_kill("ray::_PredictorActor.predict", lambda: extract(videos, cfg(tmp_path / "killed")))
-    assert plain.failed == {} and killed.failed == {} and sorted(killed.ok) == sorted(videos)
-    expected = _features(tmp_path / "plain")
+@pytest.fixture(scope="module")
+def extracted(ray_session, videos, tmp_path_factory) -> dict[str, features.VideoFeatures]:
+    out = tmp_path_factory.mktemp("extracted")
+    report = extract(videos, _extract_cfg(out))
+    assert report.failed == {} and sorted(report.ok) == sorted(videos)
+    return _features(out)
+
+
+@pytest.mark.parametrize("title", ["ray::MapWorker(MapBatches(I3DStage)).submit",
+                                   "ray::MapWorker(MapBatches(FlowStage)).submit", "ray::FlatMap(decode_clips)"])  # fmt: skip
+def test_extract_survives_a_killed_worker(ray_session, videos, extracted, tmp_path, title):
+    killed = _with_kill(title, lambda: extract(videos, _extract_cfg(tmp_path / "killed")))
+    assert killed.failed == {} and sorted(killed.ok) == sorted(videos)
     got = _features(tmp_path / "killed")
-    assert set(got) == set(expected) == set(videos)
-    for path, video in expected.items():
+    assert set(got) == set(extracted) == set(videos)
+    for path, video in extracted.items():
         np.testing.assert_array_equal(got[path].clip_start_frame, video.clip_start_frame)
-        np.testing.assert_allclose(got[path].features["rgb"], video.features["rgb"], rtol=0, atol=1e-5)
+        for stream in ("rgb", "flow"):
+            np.testing.assert_allclose(got[path].features[stream], video.features[stream], rtol=0, atol=1e-4)

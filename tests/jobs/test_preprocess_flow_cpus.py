@@ -7,8 +7,9 @@ import pytest
 import ray
 import ray._private.state
 
-from quovadis.jobs import preprocess as preprocess_job
-from quovadis.jobs.preprocess import PreprocessConfig, cpu_flow_actors, preprocess
+from quovadis.jobs.preprocess import PreprocessConfig, preprocess
+from quovadis.jobs import resources
+from quovadis.jobs.resources import cpu_flow_actors
 from quovadis.pipeline.decode import DecodeConfig
 from quovadis.pipeline.flow import FlowConfig
 from tests.jobs.test_preprocess import _read_all
@@ -50,7 +51,7 @@ def test_flow_spreads_over_actors_and_equals_one_actor(ray_session, tmp_path, mo
     started = _flow_actor_ids() - before
     assert len(started) == cpu_flow_actors(cpus)[0] > 1
 
-    monkeypatch.setattr(preprocess_job, "cpu_flow_actors", lambda cpus: (1, 0.5))  # the old single actor
+    monkeypatch.setattr(resources, "cpu_flow_actors", lambda cpus: (1, 0.5))  # the old single actor
     one = preprocess(videos, PreprocessConfig(out=str(tmp_path / "one"), **cfg))
     assert sorted(many.ok) == sorted(one.ok) == sorted(videos)
     got, want = _read_all(tmp_path / "many"), _read_all(tmp_path / "one")
