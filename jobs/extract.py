@@ -288,8 +288,7 @@ def _preprocess_kept(cfg: ExtractConfig, out: Path, todo: list[str], sink: _Feat
         shards=cfg.shards, flow=cfg.flow, retry_failed=cfg.retry_failed, address=cfg.address,
     )  # fmt: skip
     pre = preprocess(todo, pre_cfg, progress=progress)
-    report_nodes = pre.extra.get("nodes", {})
-    sink.report.extra["nodes"] = report_nodes
+    sink.report.extra["nodes"] = pre.extra.get("nodes", {})
     for path, reason in pre.failed.items():
         sink.fail(path, reason)
     entries = manifest.load(shards_dir)
