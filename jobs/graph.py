@@ -39,6 +39,7 @@ from quovadis.pipeline.clips import Clip, ClipSpec, SegmentEnd, crop_flow, segme
 from quovadis.pipeline.decode import DecodeConfig, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
 from quovadis.pipeline.flow import FlowConfig
+from quovadis.pipeline.shards import stored_flow
 
 _FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a clip costs seconds, so queue none at a busy actor while another idles
 _PLAN_CPUS = 0.25  # a probe task's CPU share
@@ -161,8 +162,7 @@ class FlowStage:
             if r["kind"] == CLIP and (p := payload(r))["clip"].gray is not None:
                 clip = p["clip"]
                 try:
-                    flow = self.predict(clip.gray)
-                    stored = conventions.quantize_flow(flow) if self.flow_dtype == "uint8" else flow.astype(np.float16)
+                    stored = stored_flow(self.predict(clip.gray), self.flow_dtype)
                     clip.flow, clip.gray = np.ascontiguousarray(crop_flow(stored, clip)), None
                     r = row(r["path"], CLIP, clip.start, clip=clip, flow_actor=self.actor)
                 except QuovadisError as e:
@@ -230,6 +230,9 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         ds = ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), _MAX_INPUT_BLOCKS)))
+        # one row per block: a block is what one task or actor call takes, and in blocks of Ray
+        # Data's default 128 MiB all the clips of a segment would go to one flow actor
+        ds.context.target_max_block_size = 1
         # a probe is light; its own resources also keep Ray Data from fusing it with decode into one
         # task, which would decode the segments of a video one after the other
         ds = ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**tasks, "num_cpus": _PLAN_CPUS})

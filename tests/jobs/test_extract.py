@@ -407,6 +407,9 @@ def test_two_streams_split_across_workers_equal_unsplit(ray_session, tmp_path):
     assert main(["extract", str(video), "--out", str(tmp_path / "split"), *common, "--segment-seconds", "0.5"]) == EXIT_OK
     one, split = _all_features(tmp_path / "one")[str(video)], _all_features(tmp_path / "split")[str(video)]
     assert one["frames"] == 38 and len(one["starts"]) == 3
+    # the clips of one segment are spread over the flow actors (the machine has 2 CPUs or more)
+    flow_actors = json.loads((tmp_path / "one" / "report.json").read_text())["extra"]["nodes"]["flow_actors"]
+    assert sum(flow_actors.values()) >= 2, flow_actors
     _close(split["rgb"], one["rgb"])
     _close(split["flow"], one["flow"])
 
