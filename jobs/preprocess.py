@@ -34,13 +34,12 @@ from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.resources import cpu_flow_config, cpu_flow_placement, flow_on_gpu
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
-from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
 from quovadis.pipeline import manifest
 from quovadis.pipeline.manifest import LedgerEntry
-from quovadis.pipeline.shards import ShardConfig, ShardWriter, record_unlisted_shards
+from quovadis.pipeline.shards import ShardConfig, ShardWriter, record_unlisted_shards, stored_flow
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +375,7 @@ class _FlowActor:
 
     def flow(self, gray: np.ndarray) -> np.ndarray:
         """uint8 (t, H, W) -> (t-1, H, W, 2) quantised uint8 (flow_dtype uint8) or float16 pixels."""
-        flow = self.predict(gray)
-        return conventions.quantize_flow(flow) if self.flow_dtype == "uint8" else flow.astype(np.float16)
+        return stored_flow(self.predict(gray), self.flow_dtype)
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # retried when its worker dies, never for a bad file

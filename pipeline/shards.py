@@ -71,6 +71,11 @@ _WRITE_CACHE_BYTES = 4 << 20  # per dataset: holds the partial chunks at segment
 _READ_CACHE_BYTES = 4 << 20  # per dataset: a few chunks of one clip
 
 
+def stored_flow(flow: np.ndarray, flow_dtype: str) -> np.ndarray:
+    """Float flow in pixels as shards store it: quantised uint8 or float16 pixels (`FLOW_DTYPES`)."""
+    return conventions.quantize_flow(flow) if flow_dtype == "uint8" else flow.astype(np.float16)
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     """How shards are written. `compression`: none | lzf | gzip1 | gzip4 | gzip9 (gzip level)."""
@@ -318,7 +323,7 @@ class ShardWriter:
                 raise ShardError(f"{video.source_path}: uint8 flow given but shards store {self.cfg.flow_dtype}")
             stored = flow
         elif np.issubdtype(flow.dtype, np.floating):
-            stored = conventions.quantize_flow(flow) if self.cfg.flow_dtype == "uint8" else flow.astype(np.float16)
+            stored = stored_flow(flow, self.cfg.flow_dtype)
         else:
             raise ShardError(f"{video.source_path}: flow must be float pixels or uint8, got {flow.dtype}")
         self._write(video, "flow", start, stored)
