@@ -51,7 +51,7 @@ class ClipSpec:
         size = self.crop_size
         if min(height, width) < size:
             raise ConfigError(f"frames {height}x{width} are smaller than --crop-size {size}; use --crop full or a smaller --crop-size")
-        return (height - size) // 2, (width - size) // 2, size, size
+        return conventions.center_crop_box(height, width, size)
 
 
 def clip_segment_frames(segment_frames: int, stride: int) -> int:
@@ -76,13 +76,17 @@ class Clip:
 
 @dataclass
 class SegmentEnd:
-    """What a segment's decode found: `frames` decoded inside [seg.start, seg.end), `total` the
-    video's frame count when the decoder reached the end of the video, else None."""
+    """What the decode of `segment` found: `frames` decoded inside [segment.start, segment.end),
+    `total` the video's frame count when the decoder reached the end of the video, else None."""
 
-    index: int
+    segment: Segment
     frames: int
     total: int | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def index(self) -> int:
+        return self.segment.index
 
 
 def segment_clips(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, spec: ClipSpec,
@@ -116,7 +120,7 @@ def segment_clips(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, s
             if start >= following and (last_owned is None or start <= last_owned):
                 yield _clip(frames, base, start, total, spec, box)
     own_end = decoded if seg.end is None else min(decoded, seg.end)
-    yield SegmentEnd(seg.index, max(0, own_end - seg.start), total, warnings)
+    yield SegmentEnd(seg, max(0, own_end - seg.start), total, warnings)
 
 
 def _clip(frames: deque[np.ndarray], base: int, start: int, total: int | None, spec: ClipSpec,

@@ -68,6 +68,12 @@ def flow_to_model(flow: np.ndarray | torch.Tensor) -> torch.Tensor:
     return _channels_first(y)
 
 
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, size, size) of the centred crop, offsets rounded down: the crop of extract and
+    of evaluation, so features and scores see the same pixels. The caller checks the frames fit."""
+    return (height - size) // 2, (width - size) // 2, size, size
+
+
 def clip_starts(num_frames: int, clip_len: int, stride: int) -> list[int]:
     """First frames of the clips of a video of `num_frames` frames.
 

@@ -194,7 +194,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if height < size or width < size:
             raise ShardError(f"frames {height}x{width} are smaller than crop_size {size}")
         if self.crop == "center":
-            return (height - size) // 2, (width - size) // 2, size, size
+            return conventions.center_crop_box(height, width, size)
         return rand(height - size + 1), rand(width - size + 1), size, size
 
     def _group(self, entry: LedgerEntry) -> h5py.Group:

@@ -168,3 +168,9 @@ def test_clip_flow_indices_literals(start, clip_len, frames, fields):
 def test_clip_flow_indices_need_two_frames():
     with pytest.raises(ValueError, match="two frames"):
         conventions.clip_flow_indices(0, 4, 1)
+
+
+def test_center_crop_box_rounds_offsets_down():
+    assert conventions.center_crop_box(256, 455, 224) == (16, 115, 224, 224)
+    assert conventions.center_crop_box(225, 226, 224) == (0, 1, 224, 224)
+    assert conventions.center_crop_box(224, 224, 224) == (0, 0, 224, 224)
