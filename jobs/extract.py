@@ -52,8 +52,8 @@ from quovadis.models.predictor import PredictorConfig
 from quovadis.models.weights import resolve_weights, sha256_of
 from quovadis.pipeline import conventions, durable, features, manifest
 from quovadis.pipeline.clips import CROPS, ClipSpec, SegmentEnd, clip_segment_frames
-from quovadis.pipeline.decode import DecodeConfig
-from quovadis.pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.decode import DecodeConfig, video_frames
+from quovadis.pipeline.errors import ConfigError, DecodeError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.manifest import LedgerEntry
 from quovadis.pipeline.shards import ShardConfig, video_key
@@ -353,6 +353,9 @@ class _FeatureSink:
         if kind == graph.FAILED:
             self.fail(path, p["reason"])
             return
+        if kind == graph.PLANNED:
+            self.progress.expect(path, p["duration"])
+            return
         video = self.videos.setdefault(path, _Video(path))
         if kind == graph.END:
             end: SegmentEnd = p["end"]
@@ -363,7 +366,7 @@ class _FeatureSink:
                     log.warning("%s: %s", path, warning)
             if video.segments is None:
                 video.segments, video.attrs = p["segments"], p["attrs"]
-                self.progress.expect(path, p["attrs"]["duration"])
+                self.progress.expect(path, p["attrs"]["duration"])  # stored videos: not planned
             if len(video.ends) == video.segments and not self._settle(video):
                 return
         elif kind == graph.FEATURES:
@@ -371,6 +374,7 @@ class _FeatureSink:
                 node, _ = p["flow_actor"].rsplit(":", 1)
                 self.flow_actors[p["flow_actor"]] = node
             video.clips[r["start"]] = {n: v for n, v in p.items() if n != "flow_actor"}
+            self.progress.advance(path, self.cfg.stride / self.cfg.decode.fps)
         if video.frames is not None and all(s in video.clips for s in video.starts):
             self._done(video)
         elif self.pending and time.monotonic() - self.last_write >= _FLUSH_S:
@@ -379,13 +383,11 @@ class _FeatureSink:
     def _settle(self, video: _Video) -> bool:
         """All segments ended: the video's frame count and clip starts, or its failure (False)."""
         ends = [video.ends[i] for i in sorted(video.ends)]
-        # a segment other than the last must have decoded all its frames: the container said so
-        full = clip_segment_frames(self.cfg.decode.segment_frames, self.cfg.stride)
-        for end in ends[:-1]:
-            if end.frames != full:
-                self.fail(video.input, f"{video.input}: stream ended at frame {end.index * full + end.frames}, before its container's duration")
-                return False
-        frames = (len(ends) - 1) * full + ends[-1].frames
+        try:
+            frames = video_frames(video.input, [e.segment for e in ends], [e.frames for e in ends])
+        except DecodeError as e:
+            self.fail(video.input, str(e))
+            return False
         if any(e.total is not None and e.total != frames for e in ends) or frames < 1:
             self.fail(video.input, f"{video.input}: stream ended at frame {frames}, before its container's duration")
             return False

@@ -1,7 +1,7 @@
 """The streaming Ray Data graph of `extract`: videos (or stored videos of shard directories) in,
 per-clip I3D features out, frames never written to disk.
 
-    input rows --plan (probe, segments; CPU tasks)--> segment rows
+    input rows --plan (probe, segments; CPU tasks)--> a planned row (probed duration) + segment rows
                --decode (pipeline.clips; CPU tasks)--> clip rows (uint8 RGB, grey frames) + end rows
                --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow
                --I3D (actor pool: one per GPU, or one CPU actor; model loaded once)--> feature rows
@@ -10,9 +10,10 @@ Stored videos are read in the decode stage (`dataset.read_clip`, as training rea
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
 segment index) and `payload`, the row's Python objects pickled (protocol 5: arrays are copied
 once, never converted). Rows of other kinds pass through each stage unchanged, so one stream
-carries clips, each segment's end (frames decoded, ffmpeg's warnings, the node) and failures, each
-failure with its reason: a bad file fails its video once and the graph goes on. The driver reads
-the small output rows and assembles each video's features (jobs/extract.py).
+carries clips, each video's probed duration, each segment's end (frames decoded, ffmpeg's
+warnings, the node) and failures, each failure with its reason: a bad file fails its video once
+and the graph goes on. The driver reads the small output rows and assembles each video's features
+(jobs/extract.py).
 
 Ray Data schedules the stages, bounds what waits between them (backpressure), retries a task whose
 worker died and restarts a lost actor with its batch redone (`runtime.TASK_RETRIES`,
@@ -36,7 +37,7 @@ from quovadis.jobs.resources import StageResources
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES
 from quovadis.pipeline import conventions
 from quovadis.pipeline.clips import Clip, ClipSpec, SegmentEnd, crop_flow, segment_clips
-from quovadis.pipeline.decode import DecodeConfig, output_size, plan_segments
+from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
 from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.shards import stored_flow
@@ -46,7 +47,7 @@ _PLAN_CPUS = 0.25  # a probe task's CPU share
 _MAX_INPUT_BLOCKS = 4096  # input rows are split into this many blocks at most: the plan tasks' parallelism
 
 # kinds of rows
-VIDEO, STORED, SEGMENT, CLIP, END, FAILED, FEATURES = "video", "stored", "segment", "clip", "end", "failed", "features"
+VIDEO, STORED, PLANNED, SEGMENT, CLIP, END, FAILED, FEATURES = "video", "stored", "planned", "segment", "clip", "end", "failed", "features"
 
 
 def row(path: str, kind: str, start: int = -1, **payload: Any) -> dict[str, Any]:
@@ -71,7 +72,8 @@ def _node() -> str:
 
 
 def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Iterator[dict[str, Any]]:
-    """A video row -> its segment rows (or one failed row); other rows pass."""
+    """A video row -> a planned row (its probed duration, for the driver's progress) and its
+    segment rows, or one failed row; other rows pass."""
     if r["kind"] != VIDEO:
         yield r
         return
@@ -88,6 +90,7 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Itera
     attrs = {"short_side": decode.short_side, "height": height, "width": width, "fps": decode.fps,
              "duration": info.duration or 0.0}  # fmt: skip
     segments = plan_segments(info, decode)
+    yield row(path, PLANNED, duration=attrs["duration"])
     for seg in segments:
         yield row(path, SEGMENT, seg.index, info=info, seg=seg, segments=len(segments), box=box, attrs=attrs)
 
@@ -122,27 +125,26 @@ def _stored_clips(shard: str, key: str, frames: int, warnings: list[str], spec: 
                   attrs: dict[str, Any]) -> Iterator[Clip | SegmentEnd]:  # fmt: skip
     """The clips of a video stored in a shard (as preprocess wrote it), then its end; `attrs` gets
     its decode settings and size on opening."""
-    import json
+    from pathlib import Path
 
     import h5py
 
     from quovadis.pipeline.dataset import read_clip
+    from quovadis.pipeline.shards import StoredVideo
 
     with h5py.File(shard, "r") as f:
-        group = f[key]
-        height, width = group["rgb"].shape[1:3]
-        fps = float(group.attrs["fps"])
-        short_side = json.loads(group.attrs.get("config", "{}")).get("decode", {}).get("short_side", -1)
-        attrs.update(short_side=short_side, height=int(height), width=int(width), fps=fps, duration=frames / fps)
-        box = spec.crop_box(height, width)
+        video = StoredVideo(f[key], Path(shard))
+        short_side = video.config.get("decode", {}).get("short_side", -1)
+        attrs.update(short_side=short_side, height=video.height, width=video.width, fps=video.fps, duration=frames / video.fps)
+        box = spec.crop_box(video.height, video.width)
         region = (slice(box[0], box[0] + box[2]), slice(box[1], box[1] + box[3]))
         streams = [s for s in spec.streams if s == "rgb" or frames >= 2]
-        if "flow" in streams and "flow" not in group:
+        if "flow" in streams and "flow" not in video.streams:
             raise QuovadisError(f"{shard} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
         for start in conventions.clip_starts(frames, spec.clip_len, spec.stride):
-            clip = read_clip(group, start, frames, spec.clip_len, streams, region)
+            clip = read_clip(video.group, start, frames, spec.clip_len, streams, region)
             yield Clip(start, box, rgb=clip.get("rgb"), flow=clip.get("flow"))
-    yield SegmentEnd(0, frames, frames, warnings)
+    yield SegmentEnd(Segment(0, 0, None), frames, frames, warnings)
 
 
 class FlowStage:

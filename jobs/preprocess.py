@@ -34,9 +34,9 @@ from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.resources import cpu_flow_config, cpu_flow_placement, flow_on_gpu
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
-from quovadis.pipeline.errors import ConfigError, QuovadisError
+from quovadis.pipeline.errors import ConfigError, DecodeError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
-from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments
+from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments, video_frames
 from quovadis.pipeline import manifest
 from quovadis.pipeline.manifest import LedgerEntry
 from quovadis.pipeline.shards import ShardConfig, ShardWriter, record_unlisted_shards, stored_flow
@@ -302,12 +302,11 @@ class _Scheduler:
         self.in_flight[ref] = ("segment", video, seg, video.attempt)
 
     def _end(self, video: _Video) -> None:
-        counts = [video.frames[s.index] for s in video.segments]
-        for seg, count in zip(video.segments[:-1], counts[:-1]):
-            if seg.end is not None and count != seg.end - seg.start:
-                self._fail(video, f"{video.path}: stream ended at frame {seg.start + count}, before its container's duration")
-                return
-        frames = video.segments[-1].start + counts[-1]
+        try:
+            frames = video_frames(video.path, video.segments, [video.frames[s.index] for s in video.segments])
+        except DecodeError as e:
+            self._fail(video, str(e))
+            return
         warnings = [w for s in video.segments for w in video.warnings[s.index]]
         ray.get(self.writer.end_video.remote(video.key, frames, warnings))
         if self.counts_done:

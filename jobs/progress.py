@@ -15,12 +15,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 class Progress(contextlib.AbstractContextManager):
-    """Inputs are announced with their expected seconds (`expect`) and finished with their real
-    ones (`done`); an input that fails counts as done with what was expected of it."""
+    """Inputs are announced with their expected seconds (`expect`), advanced as parts of them are
+    done (`advance`, never past what is expected) and finished with their real seconds (`done`);
+    an input that fails counts as done with what was expected of it. `disable`: tqdm's (None: off
+    where stderr is not a terminal)."""
 
-    def __init__(self, desc: str) -> None:
+    def __init__(self, desc: str, disable: bool | None = None) -> None:
         self.desc = desc
+        self.disable = disable
         self.expected: dict[str, float] = {}
+        self.advanced: dict[str, float] = {}
         self.failed = 0
         self._bar: tqdm | None = None
         self._redirect: contextlib.AbstractContextManager | None = None
@@ -28,7 +32,7 @@ class Progress(contextlib.AbstractContextManager):
     def __enter__(self) -> Progress:
         self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
         self._redirect.__enter__()
-        self._bar = tqdm(total=0.0, desc=self.desc, unit="video-s", disable=None, dynamic_ncols=True,
+        self._bar = tqdm(total=0.0, desc=self.desc, unit="video-s", disable=self.disable, dynamic_ncols=True,
                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} video-s "
                                     "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")  # fmt: skip
         return self
@@ -48,13 +52,23 @@ class Progress(contextlib.AbstractContextManager):
             self._bar.total += self.expected[path]
             self._bar.refresh()
 
+    def advance(self, path: str, seconds: float) -> None:
+        """`seconds` more of `path` are done (ignored until it is expected)."""
+        if path not in self.expected:
+            return
+        before = self.advanced.get(path, 0.0)
+        self.advanced[path] = min(self.expected[path], before + seconds)
+        if self._bar is not None:
+            self._bar.update(self.advanced[path] - before)
+
     def done(self, path: str, seconds: float | None = None, *, failed: bool = False) -> None:
         """`path` is finished: `seconds` of video (None: as expected)."""
         expected = self.expected.pop(path, 0.0)
+        advanced = self.advanced.pop(path, 0.0)
         real = expected if seconds is None else float(seconds)
         self.failed += failed
         if self._bar is not None:
             self._bar.total += real - expected
             if failed:
                 self._bar.set_postfix(failed=self.failed, refresh=False)
-            self._bar.update(real)
+            self._bar.update(real - advanced)

@@ -35,7 +35,7 @@ import select
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -138,6 +138,16 @@ def plan_segments(info: VideoInfo, cfg: DecodeConfig) -> list[Segment]:
     starts = [0, *borders]
     ends: list[int | None] = [*borders, None]
     return [Segment(i, a, b) for i, (a, b) in enumerate(zip(starts, ends))]
+
+
+def video_frames(path: str, segments: Sequence[Segment], counts: Sequence[int]) -> int:
+    """A video's frame count from the frames each of its segments decoded (`counts`, in order);
+    DecodeError when a segment before the last stopped short: the stream ended before the
+    container's duration, so the frames after that point are missing."""
+    for seg, count in zip(segments[:-1], counts[:-1]):
+        if seg.end is not None and count != seg.end - seg.start:
+            raise DecodeError(f"{path}: stream ended at frame {seg.start + count}, before its container's duration")
+    return segments[-1].start + counts[-1]
 
 
 @dataclass

@@ -80,3 +80,23 @@ def test_extract_shows_one_bar_not_one_per_stage(inputs, tmp_path):
     _check_bar(parts, "extract", 5.0)
     summary = next(p for p in parts if "extract: 2 ok" in p)
     assert "5.0 video-s" in summary and "video-s per s" in summary
+
+
+def test_parts_of_a_video_move_the_bar_up_to_what_was_expected():
+    from quovadis.jobs.progress import Progress
+
+    with Progress("extract", disable=False) as progress:
+        bar = progress._bar
+        progress.advance("a.mp4", 1.0)  # not expected yet: nothing to count it against
+        assert (bar.n, bar.total) == (0, 0)
+        progress.expect("a.mp4", 4.0)
+        progress.expect("b.mp4", 2.0)
+        progress.advance("a.mp4", 2.56)
+        assert (bar.n, bar.total) == (2.56, 6.0)
+        progress.advance("a.mp4", 2.56)  # the last clip runs past the end
+        assert bar.n == 4.0
+        progress.done("a.mp4", 3.8)  # the real length replaces the probed one
+        assert (bar.n, bar.total) == (3.8, 5.8)
+        progress.advance("b.mp4", 0.5)
+        progress.done("b.mp4", failed=True)
+        assert (bar.n, bar.total) == (5.8, 5.8)

@@ -20,6 +20,7 @@ from quovadis.pipeline.decode import (
     output_size,
     plan_segments,
     seek_seconds,
+    video_frames,
 )
 from quovadis.pipeline.errors import ConfigError, DecodeError
 from quovadis.pipeline.probe import probe
@@ -425,3 +426,11 @@ def _running(pid: int) -> bool:
 def test_decode_timeout_must_not_be_negative():
     with pytest.raises(ConfigError, match="timeout"):
         DecodeConfig(timeout_s=-1)
+
+
+def test_video_frames_adds_segments_and_refuses_one_that_stopped_short():
+    segments = [Segment(0, 0, 50), Segment(1, 50, 100), Segment(2, 100, None)]
+    assert video_frames("v.mp4", segments, [50, 50, 7]) == 107
+    assert video_frames("v.mp4", segments[:1], [0]) == 0  # the caller decides whether 0 frames fail
+    with pytest.raises(DecodeError, match=r"v\.mp4: stream ended at frame 80"):
+        video_frames("v.mp4", segments, [50, 30, 0])
