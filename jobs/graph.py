@@ -218,6 +218,19 @@ def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
         yield {"path": str(batch["path"][i]), "kind": str(batch["kind"][i]), "start": int(batch["start"][i]), "payload": batch["payload"][i]}
 
 
+class _InTurn:
+    """Ray options for each new actor of a pool (Ray Data asks before starting one): the next of
+    `options`, from the first again after the last, so a replacement actor takes a turn too."""
+
+    def __init__(self, options: list[dict[str, Any]]) -> None:
+        self.options, self.started = options, 0
+
+    def __call__(self) -> dict[str, Any]:
+        chosen = self.options[self.started % len(self.options)]
+        self.started += 1
+        return dict(chosen)
+
+
 def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, flow_dtype: str, predictor_cfg,
           resources: StageResources, batch_size: int):  # fmt: skip
     """The Ray Data dataset of `inputs` (rows made by `row`: VIDEO or STORED) -> output rows
@@ -239,12 +252,12 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
         # task, which would decode the segments of a video one after the other
         ds = ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**tasks, "num_cpus": _PLAN_CPUS})
         ds = ds.flat_map(decode_clips, fn_kwargs={"decode": decode, "spec": spec}, **tasks)
-        if "flow" in spec.streams and resources.flow_actors:
-            flow_options = dict(resources.flow_options)
+        if "flow" in spec.streams and resources.flow_actor_options:
+            first = resources.flow_actor_options[0]
             ds = ds.map_batches(
                 FlowStage, fn_constructor_kwargs={"cfg": resources.flow_cfg, "flow_dtype": flow_dtype}, batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=resources.flow_actors, max_tasks_in_flight_per_actor=_FLOW_CLIPS_IN_FLIGHT), num_cpus=flow_options.pop("num_cpus", None),
-                num_gpus=flow_options.pop("num_gpus", None), **actors, **flow_options,
+                compute=ray.data.ActorPoolStrategy(size=len(resources.flow_actor_options), max_tasks_in_flight_per_actor=_FLOW_CLIPS_IN_FLIGHT),
+                num_cpus=first.get("num_cpus"), num_gpus=first.get("num_gpus"), ray_remote_args_fn=_InTurn(resources.flow_actor_options), **actors,
             )  # fmt: skip
         i3d_options = dict(resources.i3d_options)
         return ds.map_batches(

@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.resources import cpu_flow_config, cpu_flow_placement, flow_on_gpu
+from quovadis.jobs.resources import cpu_flow_actor_options, cpu_flow_config, flow_on_gpu
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
 from quovadis.pipeline.errors import ConfigError, DecodeError, QuovadisError
 from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
@@ -175,11 +174,7 @@ class _Scheduler:
                 placement = [{"num_gpus": 1, "num_cpus": 0}] * gpus  # decode tasks keep every CPU slot
                 flow_cfg = cfg.flow
             else:
-                placement = [
-                    # pinned: soft affinity placed them anywhere (Ray 2.60); an actor of a lost node is not restarted
-                    {"num_cpus": share, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-                    for node, n, share in cpu_flow_placement() for _ in range(n)
-                ]  # fmt: skip
+                placement = cpu_flow_actor_options()
                 flow_cfg = cpu_flow_config(cfg.flow)
             # a lost actor is restarted and its in-flight chunk redone (flow is a pure function)
             actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_FlowActor)

@@ -35,15 +35,23 @@ def cpu_flow_actors(cpus: int) -> tuple[int, float]:
     return actors, max(0, cpus - decode) / actors
 
 
-def cpu_flow_placement() -> list[tuple[str, int, float]]:
-    """(node id, actors, CPUs each) of the CPU flow actors: `cpu_flow_actors` of each alive node
-    with a CPU, so that every node keeps a whole CPU for decode tasks (actors of a fraction of a CPU
-    packed across nodes could leave no node a whole one, and decode would never be scheduled)."""
+def cpu_flow_actor_options() -> list[dict[str, Any]]:
+    """Ray options of each CPU flow actor: `cpu_flow_actors` of each alive node with a CPU, each
+    pinned to its node, so that every node keeps a whole CPU for decode tasks (actors of a fraction
+    of a CPU packed across nodes could leave no node a whole one, and decode would never be
+    scheduled). Pinned hard: Ray 2.60 honours neither SPREAD nor a soft affinity for an actor that
+    holds no CPU (a 1-CPU node's), and placed them all on one node; an actor of a lost node is not
+    restarted."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return [
+    placement = [
         (node["NodeID"], *cpu_flow_actors(int(node["Resources"]["CPU"])))
         for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1
+    ]  # fmt: skip
+    return [
+        {"num_cpus": share, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+        for node, actors, share in placement for _ in range(actors)
     ]  # fmt: skip
 
 
@@ -55,12 +63,11 @@ def cpu_flow_config(flow: FlowConfig) -> FlowConfig:
 
 @dataclass(frozen=True)
 class StageResources:
-    """extract's graph: `flow_actors` of `flow_options` each (Ray Data map_batches arguments);
-    `i3d_actors` of `i3d_options` each; `i3d_all_cores`: the CPU predictor runs torch on every core
-    of its node."""
+    """extract's graph: the Ray options of each flow actor (Ray Data map_batches arguments; none:
+    no flow stage); `i3d_actors` of `i3d_options` each; `i3d_all_cores`: the CPU predictor runs
+    torch on every core of its node."""
 
-    flow_actors: int
-    flow_options: dict[str, Any]
+    flow_actor_options: list[dict[str, Any]]
     flow_cfg: FlowConfig
     i3d_actors: int
     i3d_options: dict[str, Any]
@@ -68,22 +75,19 @@ class StageResources:
 
 
 def extract_stages(streams: tuple[str, ...], flow: FlowConfig) -> StageResources:
-    """The flow and I3D actor pools of extract on the connected cluster (see the module docstring).
-    CPU flow actors are spread over the nodes, `cpu_flow_actors` per node."""
+    """The flow and I3D actor pools of extract on the connected cluster (see the module docstring)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    two = "flow" in streams
-    if two and flow_on_gpu(flow, gpus):
-        flow_n, flow_opts, flow_cfg, i3d_gpus = gpus, {"num_gpus": 0.5, "num_cpus": 0}, flow, 0.5
-    else:
-        placement = cpu_flow_placement()
-        flow_n = sum(n for _, n, _ in placement)
-        share = min((s for _, _, s in placement), default=0.0)
-        flow_opts, flow_cfg, i3d_gpus = {"num_cpus": share, "scheduling_strategy": "SPREAD"}, cpu_flow_config(flow), 1.0
+    flow_options: list[dict[str, Any]] = []
+    flow_cfg, i3d_gpus = flow, 1.0
+    if "flow" in streams and flow_on_gpu(flow, gpus):
+        flow_options, i3d_gpus = [{"num_gpus": 0.5, "num_cpus": 0}] * gpus, 0.5
+    elif "flow" in streams:
+        flow_options, flow_cfg = cpu_flow_actor_options(), cpu_flow_config(flow)
     if gpus > 0:
-        return StageResources(flow_n, flow_opts, flow_cfg, gpus, {"num_gpus": i3d_gpus, "num_cpus": 0}, False)
-    return StageResources(flow_n, flow_opts, flow_cfg, 1, {"num_cpus": 0}, True)
+        return StageResources(flow_options, flow_cfg, gpus, {"num_gpus": i3d_gpus, "num_cpus": 0}, False)
+    return StageResources(flow_options, flow_cfg, 1, {"num_cpus": 0}, True)
 
 
 def train_workers(num_workers: int | None, cpus_per_worker: int | None, loader_workers: int) -> tuple[int, bool, dict[str, float], int | None]:
