@@ -53,6 +53,7 @@ import math
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -705,7 +706,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> JobReport:
             },
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}",  # distinct for runs started at once
                 storage_path=str(run_dir / "ray"),
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),
