@@ -24,10 +24,10 @@ import pytest
 
 from quovadis.jobs import evaluate as evaluate_job, options
 from quovadis.jobs.evaluate import EvaluateConfig, evaluate
-from quovadis.jobs.train import TrainConfig, train
+from quovadis.jobs.train import TrainConfig
 from quovadis.pipeline.manifest import load as manifest_load
 from quovadis.pipeline.shards import ShardConfig, ShardWriter
-from tests.synthetic import ramp_shards
+from tests.synthetic import ramp_shards, train_side_by_side
 
 SETTINGS = dict(epochs=10, batch_size=4, lr=1e-3, optimizer="adam", weight_decay=0.0, crop_size=32, flip=False,
                 loader_workers=0, deterministic=True, seed=0, cpus_per_worker=1)  # fmt: skip
@@ -63,10 +63,9 @@ def work(tmp_path_factory, ray_session) -> Path:
 @pytest.fixture(scope="module")
 def runs(work) -> dict[str, Path]:
     labels, shards = ramp_shards(work)
-    out = {}
-    for name, overrides in RUNS.items():
-        out[name] = work / f"arch_{name}"
-        train(TrainConfig(data=str(shards), labels=str(labels), out=str(out[name]), **{**SETTINGS, **overrides}))
+    out = {name: work / f"arch_{name}" for name in RUNS}
+    train_side_by_side([TrainConfig(data=str(shards), labels=str(labels), out=str(out[name]), **{**SETTINGS, **overrides})
+                        for name, overrides in RUNS.items()])  # fmt: skip
     return out
 
 

@@ -275,8 +275,10 @@ def test_two_streams_npy_flow_features_equal_the_model(ray_session, tmp_path):
     moving = make_video(tmp_path / "moving.mp4", fps=25, duration=0.8, size=(80, 64))
     still = make_video(tmp_path / "one_frame.mp4", fps=25, duration=0.04, size=(80, 64))
     out = tmp_path / "out"
+    # OpenCV's TV-L1: the features are checked against the kept flow, whichever TV-L1 made it (the
+    # torch path in the graph is tested on a one-GPU cluster below and by test_progress.py)
     rc = main(["extract", str(moving), str(still), "--out", str(out), *SMALL, "--format", "npy", "--keep-shards",
-               "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
+               "--flow-backend", "opencv", "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
     assert rc == EXIT_OK
     got = _all_features(out)
     assert set(got) == {str(moving), str(still)}
@@ -402,7 +404,7 @@ def test_two_streams_split_across_workers_equal_unsplit(ray_session, tmp_path):
     """Segments of 13 frames (borders inside clips): the flow fields across each border are those
     of an unsplit run, so both streams' features are equal."""
     video = make_video(tmp_path / "long.mp4", fps=25, duration=1.5, size=(96, 64))
-    common = [*SMALL, "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")]
+    common = [*SMALL, "--flow-backend", "opencv", "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")]
     assert main(["extract", str(video), "--out", str(tmp_path / "one"), *common]) == EXIT_OK
     assert main(["extract", str(video), "--out", str(tmp_path / "split"), *common, "--segment-seconds", "0.5"]) == EXIT_OK
     one, split = _all_features(tmp_path / "one")[str(video)], _all_features(tmp_path / "split")[str(video)]
