@@ -8,7 +8,7 @@ import ray
 import ray._private.state
 
 from quovadis.jobs.preprocess import PreprocessConfig, preprocess
-from quovadis.jobs import resources
+from quovadis.jobs import graph, resources
 from quovadis.jobs.resources import cpu_flow_actors
 from quovadis.pipeline.decode import DecodeConfig
 from quovadis.pipeline.flow import FlowConfig
@@ -29,6 +29,26 @@ def test_cpu_flow_actors_always_leave_a_cpu_for_decode(cpus):
     actors, share = cpu_flow_actors(cpus)
     assert actors * share <= cpus - 1 + 1e-9
     assert actors >= (2 if cpus >= 2 else 1)
+
+
+def test_cpu_flow_actor_options_pin_each_nodes_actors_to_it(monkeypatch):
+    """Actors per node from its own CPUs, each pinned hard to its node (a dead node and one with no
+    CPU get none); extract's pool hands them out one per new actor, from the first again after the last."""
+    a, b, c, d = ("%056x" % i for i in range(1, 5))  # node ids: 28 bytes in hex
+    nodes = [{"NodeID": a, "Alive": True, "Resources": {"CPU": 1.0}},
+             {"NodeID": b, "Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}},
+             {"NodeID": c, "Alive": False, "Resources": {"CPU": 4.0}},
+             {"NodeID": d, "Alive": True, "Resources": {"GPU": 1.0}}]  # fmt: skip
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    options = resources.cpu_flow_actor_options()
+    placed = [(o["scheduling_strategy"].node_id, o["scheduling_strategy"].soft, o["num_cpus"]) for o in options]
+    assert placed == [(a, False, 0.0)] + [(b, False, 1.0)] * 15
+
+    in_turn = graph._InTurn(options[:2])
+    first, second, third = in_turn(), in_turn(), in_turn()
+    assert (first["num_cpus"], second["num_cpus"], third["num_cpus"]) == (0.0, 1.0, 0.0)
+    first["num_cpus"] = 5  # each actor gets its own copy
+    assert in_turn()["num_cpus"] == 1.0 and options[0]["num_cpus"] == 0.0
 
 
 def _flow_actor_ids() -> set[str]:
