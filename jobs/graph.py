@@ -257,6 +257,7 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
             ds = ds.map_batches(
                 FlowStage, fn_constructor_kwargs={"cfg": resources.flow_cfg, "flow_dtype": flow_dtype}, batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=len(resources.flow_actor_options), max_tasks_in_flight_per_actor=_FLOW_CLIPS_IN_FLIGHT),
+                # the first actor's resources for Ray Data's budget; each actor's own (and its node) in turn
                 num_cpus=first.get("num_cpus"), num_gpus=first.get("num_gpus"), ray_remote_args_fn=_InTurn(resources.flow_actor_options), **actors,
             )  # fmt: skip
         i3d_options = dict(resources.i3d_options)

@@ -14,11 +14,16 @@ import csv
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from quovadis.pipeline.probe import ffmpeg_exe
+
+if TYPE_CHECKING:
+    from quovadis.jobs.report import JobReport
+    from quovadis.jobs.train import TrainConfig
 
 DIRECTIONS: dict[str, tuple[int, int]] = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}
 CLASSES = tuple(sorted(DIRECTIONS))
@@ -150,7 +155,7 @@ def _preprocessed_dataset(root: Path, name: str, **dataset_kwargs) -> tuple[Path
     return _MEMO[key]  # type: ignore[return-value]
 
 
-def train_side_by_side(configs: list) -> list:
+def train_side_by_side(configs: list[TrainConfig]) -> list[JobReport]:
     """Train runs (TrainConfigs, each holding one CPU with one torch thread) two at a time in this
     process's Ray, so that two runs share the test machine's 2 cores and Ray Train's start and end
     (~12 s a run here, 2026-12-02) overlap; returns their JobReports."""

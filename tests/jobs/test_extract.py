@@ -276,7 +276,7 @@ def test_two_streams_npy_flow_features_equal_the_model(ray_session, tmp_path):
     still = make_video(tmp_path / "one_frame.mp4", fps=25, duration=0.04, size=(80, 64))
     out = tmp_path / "out"
     # OpenCV's TV-L1: the features are checked against the kept flow, whichever TV-L1 made it (the
-    # torch path in the graph is tested on a one-GPU cluster below and by test_progress.py)
+    # torch path in the graph is tested on a one-GPU cluster below and by test_faults.py)
     rc = main(["extract", str(moving), str(still), "--out", str(out), *SMALL, "--format", "npy", "--keep-shards",
                "--flow-backend", "opencv", "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
     assert rc == EXIT_OK
