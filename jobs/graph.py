@@ -1,10 +1,19 @@
-"""The streaming Ray Data graph of `extract`: videos (or stored videos of shard directories) in,
-per-clip I3D features out, frames never written to disk.
+"""The streaming Ray Data graphs of `extract` and `preprocess`: videos in, per-clip I3D features
+(extract) or shards (preprocess) out; the driver never holds a frame.
+
+extract (`build`), frames never written to disk:
 
     input rows --plan (probe, segments; CPU tasks)--> a planned row (probed duration) + segment rows
                --decode (pipeline.clips; CPU tasks)--> clip rows (uint8 RGB, grey frames) + end rows
                --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow
                --I3D (actor pool: one per GPU, or one CPU actor; model loaded once)--> feature rows
+
+preprocess (`build_preprocess`):
+
+    input rows --plan--> a planned row (probe, size, duration) + segment rows
+               --decode (pipeline.pieces; CPU tasks)--> chunk rows (uint8 RGB, grey frames) + end rows
+               --flow (the same actor pool)--> chunks with flow (quantised as stored)
+               --write (tasks on the workers, _PIECE_CHUNKS chunks per piece file)--> written rows
 
 Stored videos are read in the decode stage (`dataset.read_clip`, as training reads them) and skip
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
@@ -13,7 +22,7 @@ once, never converted). Rows of other kinds pass through each stage unchanged, s
 carries clips, each video's probed duration, each segment's end (frames decoded, ffmpeg's
 warnings, the node) and failures, each failure with its reason: a bad file fails its video once
 and the graph goes on. The driver reads the small output rows and assembles each video's features
-(jobs/extract.py).
+(jobs/extract.py) or adds each finished video to a shard (jobs/preprocess.py).
 
 Ray Data schedules the stages, bounds what waits between them (backpressure), retries a task whose
 worker died and restarts a lost actor with its batch redone (`runtime.TASK_RETRIES`,
@@ -46,8 +55,11 @@ _FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a clip costs seconds, so queue none
 _PLAN_CPUS = 0.25  # a probe task's CPU share
 _MAX_INPUT_BLOCKS = 4096  # input rows are split into this many blocks at most: the plan tasks' parallelism
 
+_PIECE_CHUNKS = 8  # decoded chunks per piece file (pipeline/pieces.py): ~150 MB of 32 frames at 256x455 with flow
+
 # kinds of rows
 VIDEO, STORED, PLANNED, SEGMENT, CLIP, END, FAILED, FEATURES = "video", "stored", "planned", "segment", "clip", "end", "failed", "features"
+CHUNK, WRITTEN = "chunk", "written"  # preprocess: decoded frames (and their flow); a chunk stored in a piece
 
 
 def row(path: str, kind: str, start: int = -1, **payload: Any) -> dict[str, Any]:
@@ -71,9 +83,10 @@ def _node() -> str:
 # -- the stages (Ray-free apart from reading the node id) ---------------------------------------------
 
 
-def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Iterator[dict[str, Any]]:
-    """A video row -> a planned row (its probed duration, for the driver's progress) and its
-    segment rows, or one failed row; other rows pass."""
+def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -> Iterator[dict[str, Any]]:
+    """A video row -> a planned row (its probe, size and probed duration, for the driver) and its
+    segment rows, or one failed row; other rows pass. `spec`: extract's clips (their crop box is
+    checked here), None for preprocess."""
     if r["kind"] != VIDEO:
         yield r
         return
@@ -82,7 +95,7 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Itera
     path = r["path"]
     try:
         info = probe(path)
-        box = spec.crop_box(*output_size(info, decode))
+        box = spec.crop_box(*output_size(info, decode)) if spec is not None else None
     except QuovadisError as e:
         yield _failed(path, str(e))
         return
@@ -90,7 +103,7 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Itera
     attrs = {"short_side": decode.short_side, "height": height, "width": width, "fps": decode.fps,
              "duration": info.duration or 0.0}  # fmt: skip
     segments = plan_segments(info, decode)
-    yield row(path, PLANNED, duration=attrs["duration"])
+    yield row(path, PLANNED, duration=attrs["duration"], info=info.to_dict(), height=height, width=width)
     for seg in segments:
         yield row(path, SEGMENT, seg.index, info=info, seg=seg, segments=len(segments), box=box, attrs=attrs)
 
@@ -147,9 +160,49 @@ def _stored_clips(shard: str, key: str, frames: int, warnings: list[str], spec: 
     yield SegmentEnd(Segment(0, 0, None), frames, frames, warnings)
 
 
+def decode_chunks(r: dict[str, Any], decode: DecodeConfig, flow: bool) -> Iterator[dict[str, Any]]:
+    """preprocess: a segment row -> its chunk rows (with grey frames for flow) and end row, or a
+    failed row (chunks already sent are dropped by the driver); other rows pass."""
+    if r["kind"] != SEGMENT:
+        yield r
+        return
+    from quovadis.pipeline.pieces import segment_chunks
+
+    path, p = r["path"], payload(r)
+    try:
+        for part in segment_chunks(path, p["info"], p["seg"], decode, flow):
+            if isinstance(part, SegmentEnd):
+                yield row(path, END, part.index, end=part, segments=p["segments"], node=_node())
+            else:
+                yield row(path, CHUNK, part.start, chunk=part)
+    except (QuovadisError, OSError, ValueError) as e:
+        yield _failed(path, failure_reason(e, path))
+
+
+def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict[str, Any], chunk_frames: int) -> dict[str, list]:
+    """preprocess's sink, on the worker that runs it: the chunk rows of a batch (of any videos) into
+    one new piece file -> a written row per chunk (its piece refs); a failed row per chunk when the
+    piece cannot be written (e.g. a full disk); other rows pass."""
+    from pathlib import Path
+
+    from quovadis.pipeline.pieces import write_piece
+
+    rows = list(_rows(batch))
+    out = [r for r in rows if r["kind"] != CHUNK]
+    chunks = [(r, payload(r)) for r in rows if r["kind"] == CHUNK]
+    if chunks:
+        try:
+            refs = write_piece(Path(shard_dir), [p["chunk"] for _, p in chunks], compression, chunk_frames)
+            out += [row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(p["chunk"].rgb), flow_actor=p.get("flow_actor"))
+                    for (r, p), mine in zip(chunks, refs)]  # fmt: skip
+        except QuovadisError as e:
+            out += [_failed(r["path"], failure_reason(e, r["path"])) for r, _ in chunks]
+    return _columns(out)
+
+
 class FlowStage:
-    """Flow of each clip from its grey frames, stored as preprocess stores it (quantised uint8 or
-    float16) and cropped; one TV-L1 device per actor."""
+    """Flow of each clip (extract) or chunk (preprocess) from its grey frames, stored as shards
+    store it (quantised uint8 or float16), a clip's cropped; one TV-L1 device per actor."""
 
     def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
@@ -161,12 +214,14 @@ class FlowStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"path": [], "kind": [], "start": [], "payload": []}
         for r in _rows(batch):
-            if r["kind"] == CLIP and (p := payload(r))["clip"].gray is not None:
-                clip = p["clip"]
+            name = {CLIP: "clip", CHUNK: "chunk"}.get(r["kind"])
+            if name and (p := payload(r))[name].gray is not None:
+                item = p[name]
                 try:
-                    stored = stored_flow(self.predict(clip.gray), self.flow_dtype)
-                    clip.flow, clip.gray = np.ascontiguousarray(crop_flow(stored, clip)), None
-                    r = row(r["path"], CLIP, clip.start, clip=clip, flow_actor=self.actor)
+                    stored = stored_flow(self.predict(item.gray), self.flow_dtype)
+                    item.flow = np.ascontiguousarray(crop_flow(stored, item) if name == "clip" else stored)
+                    item.gray = None
+                    r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor)
                 except QuovadisError as e:
                     r = _failed(r["path"], str(e))
             for k in out:
@@ -210,7 +265,11 @@ class I3DStage:
                 out.append(row(r["path"], FEATURES, r["start"], flow_actor=p.get("flow_actor"),
                                **{n: np.asarray(result[n][i]) for n in names}))  # fmt: skip
         busy = (time.perf_counter() - started) / max(1, len(out))
-        return {**{k: [r[k] for r in out] for k in ("path", "kind", "start", "payload")}, "busy_s": [busy] * len(out)}
+        return {**_columns(out), "busy_s": [busy] * len(out)}
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in ("path", "kind", "start", "payload")}
 
 
 def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
@@ -231,39 +290,76 @@ class _InTurn:
         return dict(chosen)
 
 
+# bounded retries of work lost with its process (Ray Data's own default retries for ever, so a
+# video that kills its worker every time would never fail); Ray 2.60 takes them only as
+# ray_remote_args, which it calls deprecated
+_TASKS = {"num_cpus": 1, "max_retries": TASK_RETRIES}
+_ACTORS = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
+
+
+def _planned(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec | None):
+    """The dataset of `inputs` through the plan stage, one row per block."""
+    import ray.data
+
+    ds = ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), _MAX_INPUT_BLOCKS)))
+    # one row per block: a block is what one task or actor call takes, and in blocks of Ray
+    # Data's default 128 MiB all the clips of a segment would go to one flow actor
+    ds.context.target_max_block_size = 1
+    # a probe is light; its own resources also keep Ray Data from fusing it with decode into one
+    # task, which would decode the segments of a video one after the other
+    return ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
+
+
+def _with_flow(ds, resources: StageResources, flow_dtype: str):
+    import ray.data
+
+    first = resources.flow_actor_options[0]
+    return ds.map_batches(
+        FlowStage, fn_constructor_kwargs={"cfg": resources.flow_cfg, "flow_dtype": flow_dtype}, batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=len(resources.flow_actor_options), max_tasks_in_flight_per_actor=_FLOW_CLIPS_IN_FLIGHT),
+        # the first actor's resources for Ray Data's budget; each actor's own (and its node) in turn
+        num_cpus=first.get("num_cpus"), num_gpus=first.get("num_gpus"), ray_remote_args_fn=_InTurn(resources.flow_actor_options), **_ACTORS,
+    )  # fmt: skip
+
+
 def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, flow_dtype: str, predictor_cfg,
           resources: StageResources, batch_size: int):  # fmt: skip
-    """The Ray Data dataset of `inputs` (rows made by `row`: VIDEO or STORED) -> output rows
+    """extract's Ray Data dataset of `inputs` (rows made by `row`: VIDEO or STORED) -> output rows
     (FEATURES, END, FAILED). Lazy: it runs as the caller iterates it."""
     import ray.data
 
-    # bounded retries of work lost with its process (Ray Data's own default retries for ever, so a
-    # video that kills its worker every time would never fail); Ray 2.60 takes them only as
-    # ray_remote_args, which it calls deprecated
-    tasks = {"num_cpus": 1, "max_retries": TASK_RETRIES}
-    actors = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = ray.data.from_items(inputs, override_num_blocks=max(1, min(len(inputs), _MAX_INPUT_BLOCKS)))
-        # one row per block: a block is what one task or actor call takes, and in blocks of Ray
-        # Data's default 128 MiB all the clips of a segment would go to one flow actor
-        ds.context.target_max_block_size = 1
-        # a probe is light; its own resources also keep Ray Data from fusing it with decode into one
-        # task, which would decode the segments of a video one after the other
-        ds = ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**tasks, "num_cpus": _PLAN_CPUS})
-        ds = ds.flat_map(decode_clips, fn_kwargs={"decode": decode, "spec": spec}, **tasks)
+        ds = _planned(inputs, decode, spec)
+        ds = ds.flat_map(decode_clips, fn_kwargs={"decode": decode, "spec": spec}, **_TASKS)
         if "flow" in spec.streams and resources.flow_actor_options:
-            first = resources.flow_actor_options[0]
-            ds = ds.map_batches(
-                FlowStage, fn_constructor_kwargs={"cfg": resources.flow_cfg, "flow_dtype": flow_dtype}, batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=len(resources.flow_actor_options), max_tasks_in_flight_per_actor=_FLOW_CLIPS_IN_FLIGHT),
-                # the first actor's resources for Ray Data's budget; each actor's own (and its node) in turn
-                num_cpus=first.get("num_cpus"), num_gpus=first.get("num_gpus"), ray_remote_args_fn=_InTurn(resources.flow_actor_options), **actors,
-            )  # fmt: skip
+            ds = _with_flow(ds, resources, flow_dtype)
         i3d_options = dict(resources.i3d_options)
         return ds.map_batches(
             I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
             num_cpus=i3d_options.pop("num_cpus", None), num_gpus=i3d_options.pop("num_gpus", None),
-            **actors, **i3d_options,
+            **_ACTORS, **i3d_options,
+        )  # fmt: skip
+
+
+def build_preprocess(inputs: list[dict[str, Any]], decode: DecodeConfig, shard_dir: str, shards, resources: StageResources):
+    """preprocess's Ray Data dataset of VIDEO rows -> output rows (PLANNED, END, WRITTEN, FAILED);
+    the frames stay on the workers and in the pieces they write. `shards`: a ShardConfig; flow
+    runs when `resources` has flow actors. Lazy: it runs as the caller iterates it."""
+    from quovadis.pipeline.shards import compression_options
+
+    flow = bool(resources.flow_actor_options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = _planned(inputs, decode, None)
+        ds = ds.flat_map(decode_chunks, fn_kwargs={"decode": decode, "flow": flow}, **_TASKS)
+        if flow:
+            ds = _with_flow(ds, resources, shards.flow_dtype)
+        # no CPU slot: a write waits on the disk, and a decode paused by backpressure must never
+        # hold the CPU the write of its output needs
+        return ds.map_batches(
+            write_pieces, batch_size=_PIECE_CHUNKS, num_cpus=0, max_retries=TASK_RETRIES,
+            fn_kwargs={"shard_dir": shard_dir, "compression": compression_options(shards.compression),
+                       "chunk_frames": shards.chunk_frames},
         )  # fmt: skip

@@ -1,12 +1,16 @@
 """`quovadis preprocess`: videos -> 25 fps RGB (and TV-L1 flow) in sharded HDF5, on Ray.
 
-Data flow: the driver probes inputs (Ray tasks), plans each video's segments and submits one Ray
-task per segment. A segment task decodes its frames in chunks and hands each chunk to the writer
-actor (and, for flow, to a flow actor whose output also goes straight to the writer), waiting for
-each write before decoding on: the object store holds at most a few chunks per task, and the driver
-only ever sees small results. Segments in flight are bounded by the cluster's CPUs (backpressure).
-When all segments of a video are written the writer closes the video; a full shard is renamed
-from its temporary name and its videos are recorded in the manifest.
+Data flow: one streaming Ray Data graph (jobs/graph.py), the frames never in the driver:
+
+    videos --probe, segments, decode in chunks (CPU tasks)--> chunks --flow (actor pool)-->
+    --write (tasks, on the workers)--> OUT/pieces/piece-*.h5 + small "written" rows --the driver-->
+    OUT/shard-N.h5 (each video's virtual datasets over its pieces) + OUT/manifest.jsonl
+
+A video is added to a shard once all its segments are decoded and all its chunks written; a full
+shard is renamed from its temporary name and its videos are recorded in the manifest
+(pipeline/shards.py, pipeline/pieces.py). Ray Data bounds what waits between stages, retries a
+task whose worker died and restarts a lost flow actor with its chunk redone; a chunk written twice
+is read from one piece.
 
 Re-runs: inputs recorded `ok` are skipped, `failed` ones are retried only with --retry-failed,
 finished shards are never rewritten; one job at a time per output directory (a lock).
@@ -18,27 +22,25 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import math
 import re
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
-
+from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress
 from quovadis.jobs.report import JobReport, failure_reason
-from quovadis.jobs.resources import cpu_flow_actor_options, cpu_flow_config, flow_on_gpu
-from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES, check_shared_out, init_ray, out_dir_lock
+from quovadis.jobs.resources import preprocess_stages
+from quovadis.jobs.runtime import check_shared_out, init_ray, out_dir_lock
+from quovadis.pipeline import manifest, pieces
+from quovadis.pipeline.clips import SegmentEnd
+from quovadis.pipeline.decode import DecodeConfig, video_frames
 from quovadis.pipeline.errors import ConfigError, DecodeError, QuovadisError
-from quovadis.pipeline.flow import FlowConfig, rgb_to_gray
-from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size, plan_segments, video_frames
-from quovadis.pipeline import manifest
+from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.manifest import LedgerEntry
-from quovadis.pipeline.shards import ShardConfig, ShardWriter, record_unlisted_shards, stored_flow
+from quovadis.pipeline.pieces import PieceRef
+from quovadis.pipeline.shards import ShardConfig, ShardWriter, list_shards, record_unlisted_shards
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def preprocess(
     report = JobReport("preprocess", config=cfg.to_dict(), ignored=list(ignored or []))
     with out_dir_lock(out):
         record_unlisted_shards(out)
+        pieces.remove_unused(out, list_shards(out))
         recorded = manifest.load(out)
         todo = [p for p in inputs if not report.skip_if_done(p, recorded.get(p), cfg.retry_failed)]
         if report.skipped:
@@ -116,9 +119,9 @@ def preprocess(
             if cfg.address:  # a cluster: every node must write into the same OUT
                 check_shared_out(out)
             with contextlib.nullcontext(progress) if progress else Progress("preprocess") as bar:
-                scheduler = _Scheduler(cfg, out, report, bar, counts_done=progress is None)
-                scheduler.run(todo)
-            _settle(report, todo, manifest.load(out), scheduler.writer_error, cfg.decode.fps)
+                sink = _ShardSink(cfg, out, report, bar, counts_done=progress is None)
+                sink.run(todo)
+            _settle(report, todo, manifest.load(out), sink.writer_error, cfg.decode.fps)
         report.finish()
         try:
             report.write(out)
@@ -142,277 +145,126 @@ def _settle(report: JobReport, todo: list[str], recorded: dict[str, LedgerEntry]
 @dataclass
 class _Video:
     path: str
-    info: Any = None
-    key: str | None = None
-    segments: list[Segment] = field(default_factory=list)
-    frames: dict[int, int] = field(default_factory=dict)  # segment index -> frames decoded
-    warnings: dict[int, list[str]] = field(default_factory=dict)  # segment index -> ffmpeg's errors kept
-    error: str | None = None
-    attempt: int = 0  # bumped when a lost writer took its data: results of earlier attempts are stale
-
-    def restart(self) -> None:
-        """Forget what was written of it, to do it again from its probe."""
-        self.info, self.key, self.segments, self.frames, self.warnings = None, None, [], {}, {}
-        self.attempt += 1
+    planned: dict[str, Any] | None = None  # its probe, stored size and duration
+    segments: int | None = None
+    ends: dict[int, SegmentEnd] = field(default_factory=dict)
+    refs: dict[tuple[str, int], PieceRef] = field(default_factory=dict)  # (stream, start) -> where it is stored
 
 
-class _Scheduler:
-    """Keeps a bounded number of probe and segment tasks in flight and reacts as each finishes."""
+class _ShardSink:
+    """Streams the videos through the graph and adds each finished video to a shard (its data is
+    already in pieces): the driver writes only the shards' metadata."""
 
     def __init__(self, cfg: PreprocessConfig, out: Path, report: JobReport, progress: Progress, counts_done: bool) -> None:
         self.cfg, self.out, self.report = cfg, out, report
         self.progress, self.counts_done = progress, counts_done
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        self.max_in_flight = max(2, cpus + 1)
-        self.writer = self._new_writer()
-        self.writers_lost = 0
-        self.begun: list[_Video] = []  # begun on the current writer: lost with it unless in the manifest
-        self.flow_actors = []
-        if "flow" in cfg.streams:
-            if flow_on_gpu(cfg.flow, gpus):
-                placement = [{"num_gpus": 1, "num_cpus": 0}] * gpus  # decode tasks keep every CPU slot
-                flow_cfg = cfg.flow
-            else:
-                placement = cpu_flow_actor_options()
-                flow_cfg = cpu_flow_config(cfg.flow)
-            # a lost actor is restarted and its in-flight chunk redone (flow is a pure function)
-            actor = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)(_FlowActor)
-            self.flow_actors = [actor.options(**res).remote(flow_cfg, cfg.shards.flow_dtype) for res in placement]
+        self.writer = ShardWriter(out, cfg.shards, cfg.to_dict())
+        self.videos: dict[str, _Video] = {}
+        self.finished: set[str] = set()
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
-        self.in_flight: dict[Any, tuple[str, _Video, Segment | None, int]] = {}  # ..., the video's attempt
-        self.probes: deque[_Video] = deque()
-        self.segments: deque[tuple[_Video, Segment]] = deque()
-        self.next_segment = 0
+        self.flow_actors: set[str] = set()  # "node:pid" of each flow actor that sent a chunk
         self.writer_error: str | None = None
 
-    def _new_writer(self):
-        """The writer actor. Not restarted by Ray: a restarted one would not have the open shard of
-        the dead one, so `_writer_lost` replaces it and redoes the videos that shard held."""
-        return ray.remote(num_cpus=0, max_restarts=0)(_Writer).remote(str(self.out), self.cfg.shards, self.cfg.to_dict())
-
     def run(self, todo: list[str]) -> None:
-        self.probes.extend(_Video(p) for p in todo)
-        while True:
-            self._run_queued()
-            try:
-                ray.get(self.writer.close.remote())  # the writer records its shards' videos in the manifest
-                break
-            except Exception as e:
-                if not self._writer_lost():  # else its videos are queued again
-                    self.writer_error = self.writer_error or failure_reason(e, self.cfg.out)
-                    log.error("%s", self.writer_error)
-                    break
-        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self._flow_nodes()}
-        for actor in [*self.flow_actors, self.writer]:  # their CPUs go back to the cluster now, not at GC
-            ray.kill(actor)
-
-    def _run_queued(self) -> None:
-        while self.probes or self.segments or self.in_flight:
-            while len(self.in_flight) < self.max_in_flight and (self.segments or self.probes):
-                if self.segments:
-                    video, seg = self.segments.popleft()
-                    self._submit_segment(video, seg)
-                else:
-                    video = self.probes.popleft()
-                    self.in_flight[_probe.remote(video.path)] = ("probe", video, None, video.attempt)
-            [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
-            kind, video, seg, attempt = self.in_flight.pop(ref)
-            if attempt != video.attempt:  # an attempt whose writer was lost; the video is being redone
-                continue
-            try:
-                result = ray.get(ref)
-                if kind == "probe":
-                    self.segments.extend(self._begin(video, result))
-                else:
-                    video.frames[seg.index], video.warnings[seg.index], node = result
-                    self.decode_nodes[node] = self.decode_nodes.get(node, 0) + 1
-                    for warning in video.warnings[seg.index]:  # the worker's own log never reaches the driver
-                        log.warning("%s: %s", video.path, warning)
-                    if len(video.frames) == len(video.segments) and video.error is None:
-                        self._end(video)
-            except Exception as e:  # a video's failure is never the job's
-                if not self._writer_lost():
-                    self._fail(video, failure_reason(e, video.path))
-
-    def _writer_lost(self) -> bool:
-        """If the writer actor died (its process was killed, its node lost): start a new one and
-        put back in the queue every video begun on the dead one that the manifest does not record
-        (the dead one's open shard is gone; the new one removes its temporary file). False if the
-        writer is alive, or after ACTOR_RESTARTS replacements (the videos then fail)."""
+        resources = preprocess_stages(self.cfg.streams, self.cfg.flow)
+        rows = [graph.row(p, graph.VIDEO) for p in todo]
+        ds = graph.build_preprocess(rows, self.cfg.decode, str(self.out), self.cfg.shards, resources)
         try:
-            ray.get(self.writer.ping.remote())
-            return False
-        except ray.exceptions.RayActorError as e:
-            if self.writers_lost >= ACTOR_RESTARTS:
-                self.writer_error = failure_reason(e, self.cfg.out)
-                return False
-        self.writers_lost += 1
-        recorded = manifest.load(self.out)
-        lost = [v for v in self.begun if v.error is None and getattr(recorded.get(v.path), "status", None) != "ok"]
-        log.warning("the shard writer was lost; writing %d videos again", len(lost))
-        self.writer, self.begun = self._new_writer(), []
-        ids = {id(v) for v in lost}
-        self.segments = deque((v, seg) for v, seg in self.segments if id(v) not in ids)
-        for video in lost:
-            video.restart()
-            self.probes.appendleft(video)
-        return True
-
-    def _flow_nodes(self) -> dict[str, int]:
-        """node id -> flow actors running there (where Ray placed or restarted them)."""
-        nodes: dict[str, int] = {}
+            for r in ds.iter_rows():
+                self.take(r)
+        except Exception as e:  # the engine gave up: exit 3, with its cause; what is finished stays
+            raise QuovadisError(f"the preprocess pipeline stopped: {failure_reason(e)}") from e
+        finally:
+            try:
+                self.writer.close()
+            except QuovadisError as e:
+                self.writer_error = str(e)
+                log.error("%s", e)
+        for path in todo:  # a safety net: every input ends ok or failed
+            if path not in self.finished:
+                self._fail(path, f"{path}: not all of its frames came back from the pipeline")
+        flow_nodes: dict[str, int] = {}
         for actor in self.flow_actors:
-            try:
-                node = ray.get(actor.node.remote())
-            except ray.exceptions.RayActorError:  # gone for good: its videos failed and say why
-                continue
-            nodes[node] = nodes.get(node, 0) + 1
-        return nodes
+            node = actor.rsplit(":", 1)[0]
+            flow_nodes[node] = flow_nodes.get(node, 0) + 1
+        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": flow_nodes}
 
-    def _begin(self, video: _Video, info) -> list[tuple[_Video, Segment]]:
-        video.info = info
-        self.progress.expect(video.path, info.duration)
-        height, width = output_size(info, self.cfg.decode)
-        expected = math.ceil(info.duration * self.cfg.decode.fps) if info.duration else None
-        self.begun.append(video)  # before the call: a writer lost during it takes the video too
-        video.key = ray.get(
-            self.writer.begin_video.remote(
-                video.path, height=height, width=width, expected_frames=expected, fps=self.cfg.decode.fps,
-                streams=self.cfg.streams, attrs=info.to_dict(),
-            )
-        )
-        video.segments = plan_segments(info, self.cfg.decode)
-        return [(video, seg) for seg in video.segments]
-
-    def _submit_segment(self, video: _Video, seg: Segment) -> None:
-        if video.error is not None:
+    def take(self, r: dict[str, Any]) -> None:
+        path, kind = r["path"], r["kind"]
+        if path in self.finished:
+            return  # a late row of a failed video, or a redone one of a finished video
+        p = graph.payload(r)
+        if kind == graph.FAILED:
+            self._fail(path, p["reason"])
             return
-        # each segment deals its chunks round-robin over the flow actors, starting one further on
-        first_actor = self.next_segment % max(1, len(self.flow_actors))
-        self.next_segment += 1
-        ref = _decode_segment.remote(
-            video.path, video.info, video.key, seg, self.cfg.decode, self.writer, self.flow_actors, first_actor
-        )
-        self.in_flight[ref] = ("segment", video, seg, video.attempt)
+        video = self.videos.setdefault(path, _Video(path))
+        if kind == graph.PLANNED:
+            video.planned = p
+            self.progress.expect(path, p["duration"])
+        elif kind == graph.END:
+            end: SegmentEnd = p["end"]
+            video.segments = p["segments"]
+            if end.index not in video.ends:
+                video.ends[end.index] = end
+                self.decode_nodes[p["node"]] = self.decode_nodes.get(p["node"], 0) + 1
+                for warning in end.warnings:  # the worker's own log never reaches the driver
+                    log.warning("%s: %s", path, warning)
+        elif kind == graph.WRITTEN:
+            if p.get("flow_actor"):
+                self.flow_actors.add(p["flow_actor"])
+            fresh = [ref for ref in p["refs"] if (ref.stream, ref.start) not in video.refs]
+            for ref in fresh:
+                video.refs[ref.stream, ref.start] = ref
+            if any(ref.stream == "rgb" for ref in fresh):
+                self.progress.advance(path, p["frames"] / self.cfg.decode.fps)
+        if video.planned is not None and video.segments is not None and len(video.ends) == video.segments:
+            self._maybe_add(video)
 
-    def _end(self, video: _Video) -> None:
+    def _maybe_add(self, video: _Video) -> None:
+        """Add the video to a shard once every frame (and flow field) of it is written."""
+        ends = [video.ends[i] for i in sorted(video.ends)]
         try:
-            frames = video_frames(video.path, video.segments, [video.frames[s.index] for s in video.segments])
+            frames = video_frames(video.path, [e.segment for e in ends], [e.frames for e in ends])
         except DecodeError as e:
-            self._fail(video, str(e))
+            self._fail(video.path, str(e))
             return
-        warnings = [w for s in video.segments for w in video.warnings[s.index]]
-        ray.get(self.writer.end_video.remote(video.key, frames, warnings))
+        need = {"rgb": frames, "flow": frames - 1}
+        if not all(_covered(video.refs.values(), s) >= need[s] for s in self.cfg.streams):
+            return  # chunks still on their way
+        planned = video.planned
+        try:
+            self.writer.add_video(
+                video.path, height=planned["height"], width=planned["width"], frames=frames, streams=self.cfg.streams,
+                attrs=planned["info"], refs=list(video.refs.values()), warnings=[w for e in ends for w in e.warnings],
+                fps=self.cfg.decode.fps,
+            )  # fmt: skip
+        except QuovadisError as e:  # the video's own failure, or its full shard's (then of its videos too)
+            self.writer_error = self.writer_error or str(e)
+            self._fail(video.path, str(e) if str(e).startswith(video.path) else f"{video.path}: {e}")
+            return
+        self.finished.add(video.path)
+        del self.videos[video.path]
         if self.counts_done:
             self.progress.done(video.path, frames / self.cfg.decode.fps)
 
-    def _fail(self, video: _Video, reason: str) -> None:
-        if video.error is not None:
-            return
-        video.error = reason
+    def _fail(self, path: str, reason: str) -> None:
+        self.finished.add(path)
+        self.videos.pop(path, None)
         log.warning("%s", reason)
-        if video.key is not None:
-            try:
-                ray.get(self.writer.abort_video.remote(video.key))
-            except Exception as e:
-                log.warning("could not drop the partial data of %s", failure_reason(e, video.path))
-        self.report.failed[video.path] = reason
+        self.report.failed[path] = reason
         try:
-            manifest.append(self.out, [LedgerEntry.failed(video.path, reason)])
+            manifest.append(self.out, [LedgerEntry.failed(path, reason)])
         except QuovadisError as e:  # e.g. a full disk; the report still lists the failure
             log.error("%s", e)
         if self.counts_done:
-            self.progress.done(video.path, failed=True)
+            self.progress.done(path, failed=True)
 
 
-class _Writer:
-    """The one process that writes shards (h5py is single-writer): a thin actor over ShardWriter."""
-
-    def __init__(self, out_dir: str, cfg: ShardConfig, job_config: dict) -> None:
-        self.writer = ShardWriter(Path(out_dir), cfg, job_config)
-
-    def ping(self) -> None:
-        """Answers while the actor lives (the scheduler's check after a failure)."""
-
-    def begin_video(self, *args, **kwargs) -> str:
-        return self.writer.begin_video(*args, **kwargs)
-
-    def write_rgb(self, key: str, start: int, frames: np.ndarray) -> None:
-        self.writer.write_rgb(key, start, frames)
-
-    def write_flow(self, key: str, start: int, flow: np.ndarray) -> None:
-        self.writer.write_flow(key, start, flow)
-
-    def end_video(self, key: str, frames: int, warnings: list[str]) -> None:
-        self.writer.end_video(key, frames, warnings)
-
-    def abort_video(self, key: str) -> None:
-        self.writer.abort_video(key)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _FlowActor:
-    """Holds the flow device once; receives chunks of consecutive grey frames from segment tasks
-    and returns the flow as the shards store it, so each crosses the object store at its smallest."""
-
-    def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
-        from quovadis.pipeline.flow import FlowPredictor
-
-        self.predict = FlowPredictor(cfg)
-        self.flow_dtype = flow_dtype
-
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def flow(self, gray: np.ndarray) -> np.ndarray:
-        """uint8 (t, H, W) -> (t-1, H, W, 2) quantised uint8 (flow_dtype uint8) or float16 pixels."""
-        return stored_flow(self.predict(gray), self.flow_dtype)
-
-
-@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # retried when its worker dies, never for a bad file
-def _probe(path: str):
-    from quovadis.pipeline.probe import probe
-
-    return probe(path)
-
-
-@ray.remote(num_cpus=1, max_retries=TASK_RETRIES)  # a retry rewrites the same frames at the same places
-def _decode_segment(
-    path: str, info, key: str, seg: Segment, cfg: DecodeConfig, writer, flow_actors: list, first_actor: int
-) -> tuple[int, list[str], str]:
-    """Decode one segment chunk by chunk into the writer; returns the number of frames of the segment,
-    ffmpeg's errors of a decode that kept its frames (carried back: a worker's log is not shown) and
-    the id of the node it ran on.
-
-    With flow, chunk i goes to flow_actors[(first_actor + i) % n] and up to n chunks are in flight,
-    so one decode keeps every flow actor busy (decode is ~10x cheaper than flow) while memory stays
-    n chunks per segment. One frame past the segment's end is decoded so that the flow fields at the
-    border (seg.end-1 -> seg.end) are the ones an unsplit run computes.
-    """
-    end = seg.end + 1 if (flow_actors and seg.end is not None) else seg.end
-    window = max(1, len(flow_actors))
-    count = 0
-    previous = None  # last frame of the previous chunk: the first frame of the next flow pair
-    pending: deque[list] = deque()  # the writes of each chunk in flight, oldest first
-    warnings: list[str] = []
-    for i, chunk in enumerate(iter_frames(path, cfg, info, start=seg.start, end=end, warnings=warnings)):
-        own = chunk.frames if seg.end is None else chunk.frames[: seg.end - chunk.start]
-        while len(pending) >= window:  # backpressure: at most `window` chunks in flight
-            ray.get(pending.popleft())
-        writes = []
-        if len(own):
-            writes.append(writer.write_rgb.remote(key, chunk.start, own))
-            count += len(own)
-        if flow_actors:
-            frames = chunk.frames if previous is None else np.concatenate([previous[None], chunk.frames])
-            first = chunk.start if previous is None else chunk.start - 1
-            if len(frames) >= 2:
-                actor = flow_actors[(first_actor + i) % len(flow_actors)]
-                writes.append(writer.write_flow.remote(key, first, actor.flow.remote(rgb_to_gray(frames))))
-            previous = chunk.frames[-1]
-        pending.append(writes)
-    ray.get([ref for writes in pending for ref in writes])
-    return count, warnings, ray.get_runtime_context().get_node_id()
+def _covered(refs, stream: str) -> int:
+    """How many frames of `stream` the refs store without a gap from frame 0."""
+    reached = 0
+    for ref in sorted((r for r in refs if r.stream == stream), key=lambda r: r.start):
+        if ref.start > reached:
+            break
+        reached = max(reached, ref.stop)
+    return reached

@@ -1,5 +1,5 @@
 """The one place that splits a Ray cluster's CPUs and GPUs between the stages of every job:
-preprocess's flow actors, extract's graph stages (jobs/graph.py) and train's workers.
+the graph stages of preprocess and extract (jobs/graph.py) and train's workers.
 
 Rules, the same everywhere: a decode (or probe) task takes a whole CPU; on GPUs each GPU holds the
 job's model actors (flow, I3D: half a GPU each when both run) and they take no CPU slot, so decode
@@ -63,15 +63,27 @@ def cpu_flow_config(flow: FlowConfig) -> FlowConfig:
 
 @dataclass(frozen=True)
 class StageResources:
-    """extract's graph: the Ray options of each flow actor (Ray Data map_batches arguments; none:
-    no flow stage); `i3d_actors` of `i3d_options` each; `i3d_all_cores`: the CPU predictor runs
-    torch on every core of its node."""
+    """A job's graph: the Ray options of each flow actor (Ray Data map_batches arguments; none:
+    no flow stage); `i3d_actors` of `i3d_options` each (extract; preprocess has none);
+    `i3d_all_cores`: the CPU predictor runs torch on every core of its node."""
 
     flow_actor_options: list[dict[str, Any]]
     flow_cfg: FlowConfig
     i3d_actors: int
     i3d_options: dict[str, Any]
     i3d_all_cores: bool
+
+
+def preprocess_stages(streams: tuple[str, ...], flow: FlowConfig) -> StageResources:
+    """The flow actor pool of preprocess on the connected cluster: a whole GPU each, or CPU actors."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if "flow" not in streams:
+        return StageResources([], flow, 0, {}, False)
+    if flow_on_gpu(flow, gpus):
+        return StageResources([{"num_gpus": 1, "num_cpus": 0}] * gpus, flow, 0, {}, False)
+    return StageResources(cpu_flow_actor_options(), cpu_flow_config(flow), 0, {}, False)
 
 
 def extract_stages(streams: tuple[str, ...], flow: FlowConfig) -> StageResources:

@@ -46,6 +46,7 @@ import torch
 from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, ShardError
 from quovadis.pipeline.manifest import LedgerEntry, load as manifest_load
+from quovadis.pipeline.pieces import check_present
 from quovadis.pipeline.shards import read_frames
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 f = h5py.File(path, "r", rdcc_nbytes=_READ_CACHE_BYTES)
             except OSError as e:
                 raise ShardError(f"cannot open shard {path}: {e}") from e
+            check_present(f, path)
             self._files[entry.file] = f
         try:
             return f[entry.key]

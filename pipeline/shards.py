@@ -6,6 +6,7 @@ Directory (see also pipeline/manifest.py)::
     OUT/shard-NNNNN.h5.tmp                    a shard being written; committed under its final
                                               name (pipeline.durable) only when closed and complete.
                                               A writer opening OUT deletes leftovers of a crashed run.
+    OUT/pieces/                               frames of the shards' virtual datasets (pipeline/pieces.py)
     OUT/manifest.jsonl                        one line per input event, `ok` lines only after rename
     OUT/report.json                           the job summary
 
@@ -23,15 +24,20 @@ Inside a shard (h5py only is needed to read it)::
               pipeline.conventions.quantize_flow (flow_dtype "uint8") or float16 pixels ("float16")
 
 Both datasets are chunked along time, `chunk_frames` frames x the whole frame per chunk, so a clip
-of L frames reads only the chunks it touches, and compressed with `compression`. Defaults, from
-jobs/bench/shards.py and jobs/bench/decode.py on the shared videos (BENCHMARKS.md): no
-compression, because one writer process serves a whole job and lzf caps it at ~180 MB/s (about
-500 frames/s at 256x455), decode+write reaches only 0.45 of plain ffmpeg per core with lzf against
-0.78 without, and uncompressed clips read ~10x faster for training. `lzf` (64 % of raw size; against
-gzip level 1: 1.5x faster to read, 2.3x to write, at 1.2x the size) is the choice when disk
-matters more (`--compression lzf`). One frame per chunk
-(255 KiB at 256x340, inside h5py's 10 KiB-1 MiB advice; as fast as 2 or 4; reads no frame outside
-the clip; segments written out of order never share a chunk, so none is compressed twice).
+of L frames reads only the chunks it touches, and compressed with `compression`. A video written by
+`begin_video` / `write_*` / `end_video` has real datasets; one added by `add_video` (preprocess)
+has virtual datasets over the chunks of frames in piece files (pipeline/pieces.py), chunked and
+compressed the same way, read the same way by h5py; the root's `pieces` attribute (JSON list of
+paths relative to the shard) names the pieces a shard reads.
+
+Defaults, from jobs/bench/shards.py and jobs/bench/decode.py on the shared videos (BENCHMARKS.md;
+measured when one writer process served a whole job, before pieces were written by many): no
+compression, because lzf capped that writer at ~180 MB/s (about 500 frames/s at 256x455),
+decode+write reached only 0.45 of plain ffmpeg per core with lzf against 0.78 without, and
+uncompressed clips read ~10x faster for training. `lzf` (64 % of raw size; against gzip level 1:
+1.5x faster to read, 2.3x to write, at 1.2x the size) is the choice when disk matters more
+(`--compression lzf`). One frame per chunk (255 KiB at 256x340, inside h5py's 10 KiB-1 MiB advice;
+as fast as 2 or 4; reads no frame outside the clip).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import numpy as np
 
 from quovadis.pipeline import conventions, durable
 from quovadis.pipeline.errors import ConfigError, ShardError
+from quovadis.pipeline.pieces import PieceRef, check_present
 from quovadis.pipeline.manifest import LedgerEntry, adopt_unlisted, append as manifest_append, load as manifest_load, manifest_path
 
 log = logging.getLogger(__name__)
@@ -186,6 +193,8 @@ class _Shard:
     final_path: Path
     videos: dict[str, _Video] = field(default_factory=dict)
     full: bool = False
+    pieces: set[str] = field(default_factory=set)  # the pieces its virtual datasets read
+    referenced: int = 0  # bytes of its videos stored in pieces
 
     @property
     def name(self) -> str:
@@ -199,7 +208,8 @@ class ShardWriter:
     """Writes videos into shards of about `cfg.shard_size_bytes`, each under a temporary name until
     it is complete, then renames it and appends the `ok` manifest lines of its videos.
 
-    Used from one process (the job's writer actor). Videos can arrive interleaved and in segments
+    Used from one process (preprocess's driver, adding videos written into pieces; benchmarks and
+    tests write frames through it). Videos can arrive interleaved and in segments
     out of order; `end_video` checks that every frame was written. Several shards can be open at
     once: a full shard waits for its unfinished videos while new videos go to the next one.
 
@@ -243,57 +253,75 @@ class ShardWriter:
         (JSON-able values); its names that clash with the stored ones (width, height, fps, ...)
         are kept with a `source_` prefix. `expected_frames` only pre-sizes the datasets.
         """
-        key = video_key(source_path)
-        if key in self._videos:
-            raise ShardError(f"{source_path}: video already being written (key {key})")
-        unknown = set(streams) - set(STREAMS)
-        if not streams or unknown or "rgb" not in streams:
-            raise ConfigError(f"{source_path}: streams must include rgb and be among {STREAMS}, got {streams}")
-        if height < 1 or width < 1:
-            raise ShardError(f"{source_path}: bad frame size {height}x{width}")
+        key = self._new_key(source_path, streams, height, width)
         shard = self._shard_for_new_video()
-        fps = float(fps)
-        metadata = {(f"source_{k}" if k in _RESERVED_ATTRS else k): v for k, v in attrs.items() if v is not None}
+        group, info = self._create_group(shard, key, source_path, height, width, streams, attrs, fps)
+        n = max(int(expected_frames or 0), 0)
+        k = self.cfg.chunk_frames
         try:
-            group = shard.file.create_group(key)
-            for name, value in metadata.items():
-                if name not in _RESERVED_ATTRS:
-                    group.attrs[name] = attr_value(value)
-            group.attrs["source_path"] = attr_value(str(source_path))
-            group.attrs["fps"] = fps
-            group.attrs["height"] = int(height)
-            group.attrs["width"] = int(width)
-            group.attrs["conventions_version"] = conventions.CONVENTIONS_VERSION
-            group.attrs["config"] = self.job_config_json
-            group.attrs["complete"] = False
-            n = max(int(expected_frames or 0), 0)
-            k = self.cfg.chunk_frames
             group.create_dataset(
                 "rgb", shape=(n, height, width, 3), maxshape=(None, height, width, 3),
                 dtype=np.uint8, chunks=(k, height, width, 3), **self._compression,
             )  # fmt: skip
             if "flow" in streams:
-                group.attrs["flow_dtype"] = self.cfg.flow_dtype
                 group.create_dataset(
                     "flow", shape=(max(n - 1, 0), height, width, 2), maxshape=(None, height, width, 2),
                     dtype=np.dtype(self.cfg.flow_dtype), chunks=(k, height, width, 2), **self._compression,
                 )  # fmt: skip
         except (OSError, ValueError, TypeError) as e:
             raise ShardError(f"{shard.tmp_path}: cannot create group for {source_path}: {e}") from e
-        info = {
-            **_json_safe({k: v for k, v in metadata.items() if k not in _RESERVED_ATTRS}),
-            "fps": fps,
-            "height": int(height),
-            "width": int(width),
-            "streams": list(streams),
-        }
-        if "flow" in streams:
-            info["flow_dtype"] = self.cfg.flow_dtype
         video = _Video(key, str(source_path), shard, int(height), int(width), tuple(streams), info)
         video.written = {s: _Ranges() for s in streams}
         shard.videos[key] = video
         self._videos[key] = video
         return key
+
+    def add_video(
+        self,
+        source_path: str,
+        *,
+        height: int,
+        width: int,
+        frames: int,
+        streams: tuple[str, ...],
+        attrs: Mapping[str, Any],
+        refs: Sequence[PieceRef],
+        warnings: Sequence[str] = (),
+        fps: float = conventions.FPS,
+    ) -> list[LedgerEntry]:
+        """Add a complete video whose frames were written into pieces (pipeline/pieces.py): its
+        `rgb` and `flow` become virtual datasets over the chunks `refs` name (a chunk named twice,
+        by a redone write, is read from one of them). Arguments as begin_video and end_video.
+
+        ShardError when the refs leave a frame (or flow field) below `frames` uncovered. Returns
+        the manifest entries of the shards this completed and renamed."""
+        key = self._new_key(source_path, streams, height, width)
+        if frames < 1:
+            raise ShardError(f"{source_path}: a stored video needs >= 1 frame, got {frames}")
+        layouts = {s: _layout(source_path, s, [r for r in refs if r.stream == s], frames if s == "rgb" else frames - 1,
+                              (int(height), int(width), 3 if s == "rgb" else 2),
+                              np.dtype(np.uint8 if s == "rgb" else self.cfg.flow_dtype)) for s in streams}  # fmt: skip
+        shard = self._shard_for_new_video()
+        group, info = self._create_group(shard, key, source_path, height, width, streams, attrs, fps)
+        try:
+            for stream, (layout, used) in layouts.items():
+                if layout.shape[0]:
+                    group.create_virtual_dataset(stream, layout)
+                else:  # a one-frame video's flow: no field, no piece
+                    group.create_dataset(stream, shape=layout.shape, dtype=layout.dtype)
+                shard.pieces.update(used)
+                shard.referenced += int(np.prod(layout.shape)) * layout.dtype.itemsize
+            group.attrs["frames"] = int(frames)
+            group.attrs["warnings"] = json.dumps(list(warnings))
+            group.attrs["complete"] = True
+        except (OSError, ValueError, TypeError) as e:
+            raise ShardError(f"{shard.tmp_path}: cannot add {source_path}: {e}") from e
+        video = _Video(key, str(source_path), shard, int(height), int(width), tuple(streams), info, frames=int(frames),
+                       warnings=list(warnings))  # fmt: skip
+        shard.videos[key] = video
+        self._videos[key] = video
+        self._check_full(shard)
+        return self._finish_ready()
 
     def write_rgb(self, key: str, start: int, frames: np.ndarray) -> None:
         """Store uint8 (t, H, W, 3) frames as frames[start : start + t] of the video."""
@@ -386,6 +414,49 @@ class ShardWriter:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _new_key(self, source_path: str, streams: tuple[str, ...], height: int, width: int) -> str:
+        key = video_key(source_path)
+        if key in self._videos:
+            raise ShardError(f"{source_path}: video already being written (key {key})")
+        unknown = set(streams) - set(STREAMS)
+        if not streams or unknown or "rgb" not in streams:
+            raise ConfigError(f"{source_path}: streams must include rgb and be among {STREAMS}, got {streams}")
+        if height < 1 or width < 1:
+            raise ShardError(f"{source_path}: bad frame size {height}x{width}")
+        return key
+
+    def _create_group(self, shard: _Shard, key: str, source_path: str, height: int, width: int,
+                      streams: tuple[str, ...], attrs: Mapping[str, Any], fps: float) -> tuple[h5py.Group, dict[str, Any]]:  # fmt: skip
+        """The video's group with its attributes (not yet complete), and its manifest info."""
+        fps = float(fps)
+        metadata = {(f"source_{k}" if k in _RESERVED_ATTRS else k): v for k, v in attrs.items() if v is not None}
+        try:
+            group = shard.file.create_group(key)
+            for name, value in metadata.items():
+                if name not in _RESERVED_ATTRS:
+                    group.attrs[name] = attr_value(value)
+            group.attrs["source_path"] = attr_value(str(source_path))
+            group.attrs["fps"] = fps
+            group.attrs["height"] = int(height)
+            group.attrs["width"] = int(width)
+            group.attrs["conventions_version"] = conventions.CONVENTIONS_VERSION
+            group.attrs["config"] = self.job_config_json
+            group.attrs["complete"] = False
+            if "flow" in streams:
+                group.attrs["flow_dtype"] = self.cfg.flow_dtype
+        except (OSError, ValueError, TypeError) as e:
+            raise ShardError(f"{shard.tmp_path}: cannot create group for {source_path}: {e}") from e
+        info = {
+            **_json_safe({k: v for k, v in metadata.items() if k not in _RESERVED_ATTRS}),
+            "fps": fps,
+            "height": int(height),
+            "width": int(width),
+            "streams": list(streams),
+        }
+        if "flow" in streams:
+            info["flow_dtype"] = self.cfg.flow_dtype
+        return group, info
+
     def _video(self, key: str) -> _Video:
         try:
             return self._videos[key]
@@ -450,7 +521,7 @@ class ShardWriter:
     def _check_full(self, shard: _Shard) -> None:
         """Full once the file reaches the target size. Between flushes (each end_video) the size
         lags by at most the chunk cache of the open datasets (_WRITE_CACHE_BYTES each)."""
-        if not shard.full and shard.size() >= self.cfg.shard_size_bytes:
+        if not shard.full and shard.size() + shard.referenced >= self.cfg.shard_size_bytes:
             shard.full = True
 
     def _finish_ready(self) -> list[LedgerEntry]:
@@ -469,6 +540,7 @@ class ShardWriter:
         for v in videos:
             self._videos.pop(v.key, None)
         try:
+            shard.file.attrs["pieces"] = json.dumps(sorted(shard.pieces))
             shard.file.close()
             if not videos:
                 shard.tmp_path.unlink()
@@ -486,6 +558,29 @@ class ShardWriter:
         manifest_append(self.out_dir, entries)
         log.info("wrote %s (%d videos)", shard.final_path, len(videos))
         return entries
+
+
+def _layout(source_path: str, stream: str, refs: list[PieceRef], frames: int, frame_shape: tuple[int, ...],
+            dtype: np.dtype) -> tuple[h5py.VirtualLayout, set[str]]:  # fmt: skip
+    """The virtual layout of `frames` frames of a stream from its refs, and the pieces it reads."""
+    layout = h5py.VirtualLayout(shape=(frames, *frame_shape), dtype=dtype)
+    used: set[str] = set()
+    reached = 0
+    for ref in sorted(refs, key=lambda r: (r.start, -r.stop)):
+        if reached >= frames:
+            break
+        if ref.start > reached:
+            break
+        if ref.stop <= reached:  # a duplicate
+            continue
+        stop = min(ref.stop, frames)
+        source = h5py.VirtualSource(ref.file, ref.dataset, shape=(ref.stop - ref.start, *frame_shape), dtype=dtype)
+        layout[reached:stop] = source[reached - ref.start : stop - ref.start]
+        used.add(ref.file)
+        reached = stop
+    if reached < frames:
+        raise ShardError(f"{source_path}: {stream} frames {reached}..{frames - 1} were not all written")
+    return layout, used
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -511,6 +606,7 @@ class StoredVideo:
         self.attrs: dict[str, Any] = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
         if not self.attrs.get("complete", False):
             raise ShardError(f"{shard_path}: video {self.key} is not complete")
+        check_present(group.file, shard_path)
         self.source_path: str = self.attrs["source_path"]
         self.frames: int = int(self.attrs["frames"])
         self.fps: float = float(self.attrs["fps"])

@@ -10,8 +10,9 @@ the seconds spent inside its work, summed over its workers, and that sum over th
     flow     the FlowStage actor pool's batches (before the graph: the flow actor's calls)
     i3d      the I3D stage's calls (conversion, model, copy back), timed inside the job
              (report.extra["stage_busy_s"]["i3d_s"])
-    write    the driver's feature-file writes, timed inside the job ("write_s"; before the graph
-             also the shard writer actor's calls)
+    write    the driver's feature-file writes, timed inside the job ("write_s"), and with
+             --keep-shards preprocess's write_pieces tasks (before the graph: the shard writer
+             actor's calls)
 
 Stage times come from Ray's task timeline (ray.timeline), matched by substring of the events' "cat"
 and "name" (see _stage_busy), so the job runs exactly as `extract`. The substrings include the names
@@ -44,10 +45,10 @@ from quovadis.jobs.runtime import init_ray
 log = logging.getLogger(__name__)
 
 STAGES = {  # stage -> substrings of timeline event names (the pre-graph names too, for comparison)
-    "decode": ("plan_video", "decode_clips", "_decode_segment", "_probe"),
+    "decode": ("plan_video", "decode_clips", "decode_chunks", "_decode_segment", "_probe"),
     "flow": ("FlowStage", "flow"),
     "i3d": (),  # measured inside the job (report.extra["stage_busy_s"])
-    "write": ("begin_video", "write_rgb", "write_flow", "end_video", "abort_video", "close"),
+    "write": ("write_pieces", "begin_video", "write_rgb", "write_flow", "end_video", "abort_video", "close"),
 }
 _MATCH_ORDER = ("write", "decode", "flow", "i3d")  # "write_flow" is write, not flow
 _POLL_S = 0.02  # how often the byte watcher looks at OUT

@@ -69,11 +69,11 @@ def test_preprocess_and_extract_on_three_nodes_equal_one_node(ray_session, tmp_p
     assert main([*pre, "--out", str(tmp_path / "one-pre")]) == 0  # the session's one-node Ray
     assert main([*ext, "--out", str(tmp_path / "one-ext")]) == 0
 
-    # decode tasks and flow work ran on more than one node; preprocess places a flow actor per node,
-    # extract's flow pool counts the nodes of the actors that computed flow
-    for job, flow_nodes in (("pre", {3}), ("ext", {2, 3})):
+    # decode tasks and flow work ran on more than one node: each job's flow pool places its actors
+    # on every node, and counts the nodes of the actors that computed flow
+    for job in ("pre", "ext"):
         nodes = json.loads((tmp_path / f"cluster-{job}" / "report.json").read_text())["extra"]["nodes"]
-        assert len(nodes["decode_segments"]) >= 2 and len(nodes["flow_actors"]) in flow_nodes, nodes
+        assert len(nodes["decode_segments"]) >= 2 and len(nodes["flow_actors"]) in (2, 3), nodes
     got, want = _read_all(tmp_path / "cluster-pre"), _read_all(tmp_path / "one-pre")
     assert set(got) == set(want) == set(videos)
     for v in videos:
