@@ -193,8 +193,9 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
     if chunks:
         try:
             refs = write_piece(Path(shard_dir), [p["chunk"] for _, p in chunks], compression, chunk_frames)
-            out += [row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(p["chunk"].rgb), flow_actor=p.get("flow_actor"))
-                    for (r, p), mine in zip(chunks, refs)]  # fmt: skip
+            node = _node()
+            out += [row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(p["chunk"].rgb), flow_actor=p.get("flow_actor"),
+                        node=node) for (r, p), mine in zip(chunks, refs)]  # fmt: skip
         except QuovadisError as e:
             out += [_failed(r["path"], failure_reason(e, r["path"])) for r, _ in chunks]
     return _columns(out)

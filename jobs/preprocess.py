@@ -163,6 +163,7 @@ class _ShardSink:
         self.finished: set[str] = set()
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
         self.flow_actors: set[str] = set()  # "node:pid" of each flow actor that sent a chunk
+        self.write_nodes: dict[str, int] = {}  # node id -> chunks written into pieces there
         self.writer_error: str | None = None
 
     def run(self, todo: list[str]) -> None:
@@ -187,7 +188,8 @@ class _ShardSink:
         for actor in self.flow_actors:
             node = actor.rsplit(":", 1)[0]
             flow_nodes[node] = flow_nodes.get(node, 0) + 1
-        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": flow_nodes}
+        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": flow_nodes,
+                                      "chunks_written": self.write_nodes}  # fmt: skip
 
     def take(self, r: dict[str, Any]) -> None:
         path, kind = r["path"], r["kind"]
@@ -217,6 +219,7 @@ class _ShardSink:
                 video.refs[ref.stream, ref.start] = ref
             if any(ref.stream == "rgb" for ref in fresh):
                 self.progress.advance(path, p["frames"] / self.cfg.decode.fps)
+                self.write_nodes[p["node"]] = self.write_nodes.get(p["node"], 0) + 1
         if video.planned is not None and video.segments is not None and len(video.ends) == video.segments:
             self._maybe_add(video)
 

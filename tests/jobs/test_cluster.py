@@ -74,6 +74,10 @@ def test_preprocess_and_extract_on_three_nodes_equal_one_node(ray_session, tmp_p
     for job in ("pre", "ext"):
         nodes = json.loads((tmp_path / f"cluster-{job}" / "report.json").read_text())["extra"]["nodes"]
         assert len(nodes["decode_segments"]) >= 2 and len(nodes["flow_actors"]) in (2, 3), nodes
+    # preprocess's frames were written by its sink tasks (on whichever nodes Ray ran them): one
+    # chunk of each of these short videos
+    written = json.loads((tmp_path / "cluster-pre" / "report.json").read_text())["extra"]["nodes"]["chunks_written"]
+    assert sum(written.values()) == len(videos), written
     got, want = _read_all(tmp_path / "cluster-pre"), _read_all(tmp_path / "one-pre")
     assert set(got) == set(want) == set(videos)
     for v in videos:
