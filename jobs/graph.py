@@ -194,8 +194,10 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
         try:
             refs = write_piece(Path(shard_dir), [p["chunk"] for _, p in chunks], compression, chunk_frames)
             node = _node()
-            out += [row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(p["chunk"].rgb), flow_actor=p.get("flow_actor"),
-                        node=node) for (r, p), mine in zip(chunks, refs)]  # fmt: skip
+            for (r, p), mine in zip(chunks, refs):
+                chunk = p["chunk"]
+                out.append(row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(chunk.rgb), node=node, flow_actor=p.get("flow_actor"),
+                               flow_s=p.get("flow_s"), flow_call=p.get("flow_call"), flow_pairs=0 if chunk.flow is None else len(chunk.flow)))  # fmt: skip
         except QuovadisError as e:
             out += [_failed(r["path"], failure_reason(e, r["path"])) for r, _ in chunks]
     return _columns(out)
@@ -203,7 +205,8 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
 
 class FlowStage:
     """Flow of each clip (extract) or chunk (preprocess) from its grey frames, stored as shards
-    store it (quantised uint8 or float16), a clip's cropped; one TV-L1 device per actor."""
+    store it (quantised uint8 or float16), a clip's cropped; one TV-L1 device per actor. The row
+    says which actor, its how-manieth call and how many seconds it took (preprocess's report.json)."""
 
     def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
@@ -211,6 +214,7 @@ class FlowStage:
         self.predict = FlowPredictor(cfg)
         self.flow_dtype = flow_dtype
         self.actor = f"{_node()}:{os.getpid()}"
+        self.calls = 0  # the first holds torch.compile's (or CUDA's) start
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"path": [], "kind": [], "start": [], "payload": []}
@@ -219,10 +223,13 @@ class FlowStage:
             if name and (p := payload(r))[name].gray is not None:
                 item = p[name]
                 try:
+                    started = time.perf_counter()
                     stored = stored_flow(self.predict(item.gray), self.flow_dtype)
                     item.flow = np.ascontiguousarray(crop_flow(stored, item) if name == "clip" else stored)
                     item.gray = None
-                    r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor)
+                    r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor,
+                            flow_s=time.perf_counter() - started, flow_call=self.calls)  # fmt: skip
+                    self.calls += 1
                 except QuovadisError as e:
                     r = _failed(r["path"], str(e))
             for k in out:

@@ -208,7 +208,8 @@ def _bench_flow(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", default=str(SHARED / "videos" / "bigbuckbunny_h264_720p25.mp4"),
                    help="video whose consecutive frames are the pairs (default ../shared/videos/bigbuckbunny_h264_720p25.mp4)")
     p.add_argument("--sizes", default="224x224,256x340", help="HxW sizes, comma separated (default 224x224,256x340)")
-    p.add_argument("--pairs", type=int, default=16, help="frame pairs per size on the CPU (default 16)")
+    p.add_argument("--pairs", type=int, default=16,
+                   help="frame pairs per size on the CPU, the video's first (default 16; 0: every pair of the video, all in memory)")
     p.add_argument("--cuda-pairs", type=int, default=512,
                    help="pairs per size on CUDA; the decoded pairs are repeated to reach it (default 512)")
     p.add_argument("--batch-pairs", type=int, default=None,
@@ -230,6 +231,15 @@ def _bench_i3d(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
     p.add_argument("--iters", type=int, default=None, help="timed batches per measurement (default 20 CUDA, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 5 CUDA, 1 CPU)")
+
+
+def _bench_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", default=[str(SHARED / "videos")], help="videos or directories (default ../shared/videos)")
+    p.add_argument("--streams", default="rgb,flow")
+    p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
+    p.add_argument("--compression", choices=COMPRESSIONS, default=COMPRESSIONS[0])
+    p.add_argument("--flow-backend", choices=FLOW_BACKENDS, default="torch")
+    p.add_argument("--address", default=None)
 
 
 def _bench_extract(p: argparse.ArgumentParser) -> None:
@@ -267,4 +277,4 @@ def _bench_train(p: argparse.ArgumentParser) -> None:
 
 
 BENCH_OPTIONS = {"decode": _bench_decode, "shards": _bench_shards, "flow": _bench_flow, "i3d": _bench_i3d,
-               "extract": _bench_extract, "train": _bench_train}  # fmt: skip
+               "preprocess": _bench_preprocess, "extract": _bench_extract, "train": _bench_train}  # fmt: skip

@@ -162,7 +162,7 @@ class _ShardSink:
         self.videos: dict[str, _Video] = {}
         self.finished: set[str] = set()
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
-        self.flow_actors: set[str] = set()  # "node:pid" of each flow actor that sent a chunk
+        self.flow_actors: dict[str, dict[str, float]] = {}  # "node:pid" of each flow actor that sent a chunk -> its work
         self.write_nodes: dict[str, int] = {}  # node id -> chunks written into pieces there
         self.writer_error: str | None = None
 
@@ -190,6 +190,10 @@ class _ShardSink:
             flow_nodes[node] = flow_nodes.get(node, 0) + 1
         self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": flow_nodes,
                                       "chunks_written": self.write_nodes}  # fmt: skip
+        if self.flow_actors:
+            pairs = sum(a["pairs"] for a in self.flow_actors.values())
+            busy = sum(a["busy_s"] for a in self.flow_actors.values())
+            self.report.extra["flow"] = {"pairs": pairs, "busy_s": busy, "s_per_pair": busy / max(1, pairs), "actors": self.flow_actors}
 
     def take(self, r: dict[str, Any]) -> None:
         path, kind = r["path"], r["kind"]
@@ -213,7 +217,7 @@ class _ShardSink:
                     log.warning("%s: %s", path, warning)
         elif kind == graph.WRITTEN:
             if p.get("flow_actor"):
-                self.flow_actors.add(p["flow_actor"])
+                self._count_flow(p)
             fresh = [ref for ref in p["refs"] if (ref.stream, ref.start) not in video.refs]
             for ref in fresh:
                 video.refs[ref.stream, ref.start] = ref
@@ -222,6 +226,17 @@ class _ShardSink:
                 self.write_nodes[p["node"]] = self.write_nodes.get(p["node"], 0) + 1
         if video.planned is not None and video.segments is not None and len(video.ends) == video.segments:
             self._maybe_add(video)
+
+    def _count_flow(self, p: dict[str, Any]) -> None:
+        """A flow actor's chunks, pairs and busy seconds (a redone chunk's too: work it did), and its
+        first call's seconds, which hold its start (torch.compile, CUDA)."""
+        actor = self.flow_actors.setdefault(p["flow_actor"], {"chunks": 0, "pairs": 0, "busy_s": 0.0, "first_call_s": None,
+                                                                   "first_call_pairs": 0})  # fmt: skip
+        actor["chunks"] += 1
+        actor["pairs"] += p["flow_pairs"]
+        actor["busy_s"] += p["flow_s"]
+        if p["flow_call"] == 0:
+            actor["first_call_s"], actor["first_call_pairs"] = p["flow_s"], p["flow_pairs"]
 
     def _maybe_add(self, video: _Video) -> None:
         """Add the video to a shard once every frame (and flow field) of it is written."""

@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "shards": "shard compression and chunking: size, write speed, random 64-frame clip reads",
     "flow": "TV-L1 pairs/s and EPE: ours (CPU, CUDA when present) against OpenCV DualTVL1, same frames",
     "i3d": "I3D clips/s and peak memory per batch size: eager fp32 (pytorch-i3d style) against our fast path",
+    "preprocess": "preprocessing end to end: video-seconds per wall-second, each stage's busy time, flow's cost per pair in the job",
     "extract": "end-to-end extraction: videos/s, video-seconds per wall-second, busy fraction of each stage",
     "train": "training clips/s per device, fp32 against mixed precision, shard loader throughput against demand; "
     "with --arch, clips/s and peak memory of each architecture at its training input",
@@ -26,6 +27,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _module(name: str):
     return importlib.import_module(f"quovadis.jobs.bench.{name}")
+
+
+def device_line() -> str:
+    """This machine as a figure's heading gives it: CPU, cores, torch, GPUs."""
+    import os
+    import platform
+
+    import torch
+
+    text = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        return f"{text}, {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{text}, no GPU"
 
 
 def repeat_command(name: str, args: argparse.Namespace) -> str:

@@ -14,9 +14,8 @@ the seconds spent inside its work, summed over its workers, and that sum over th
              --keep-shards preprocess's write_pieces tasks (before the graph: the shard writer
              actor's calls)
 
-Stage times come from Ray's task timeline (ray.timeline), matched by substring of the events' "cat"
-and "name" (see _stage_busy), so the job runs exactly as `extract`. The substrings include the names
-of the pre-graph extract (preprocess tasks and actors), so one bench file times both.
+Stage times come from Ray's task timeline (jobs/bench/timeline.py), so the job runs exactly as
+`extract`.
 
 Bytes under OUT: a thread polls OUT every 20 ms during the job and records each file's largest size
 and OUT's peak total size. The sum of the largest sizes is a lower bound of the bytes written (a
@@ -29,28 +28,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import torch
 
 from quovadis.jobs import extract as extract_job, options
-from quovadis.jobs.bench import repeat_command
+from quovadis.jobs.bench import device_line, repeat_command
+from quovadis.jobs.bench.timeline import stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
-STAGES = {  # stage -> substrings of timeline event names (the pre-graph names too, for comparison)
-    "decode": ("plan_video", "decode_clips", "decode_chunks", "_decode_segment", "_probe"),
-    "flow": ("FlowStage", "flow"),
-    "i3d": (),  # measured inside the job (report.extra["stage_busy_s"])
-    "write": ("write_pieces", "begin_video", "write_rgb", "write_flow", "end_video", "abort_video", "close"),
-}
-_MATCH_ORDER = ("write", "decode", "flow", "i3d")  # "write_flow" is write, not flow
 _POLL_S = 0.02  # how often the byte watcher looks at OUT
 
 
@@ -80,13 +71,13 @@ def run_bench(args: argparse.Namespace) -> int:
             watcher.stop()
         feature_bytes = _feature_bytes(Path(tmp))
         time.sleep(2.0)  # task events reach the timeline with a delay
-        busy = _stage_busy(ray.timeline())
+        busy = stage_busy(ray.timeline())
     inside = report.extra.get("stage_busy_s") or {}
     busy["i3d"] += inside.get("i3d_s", 0.0)
     busy["write"] += inside.get("write_s", 0.0)
     video_s = report.frames / cfg.decode.fps
     lines = [
-        f"# quovadis bench extract — {time.strftime('%Y-%m-%d')}, {_device()}",
+        f"# quovadis bench extract — {time.strftime('%Y-%m-%d')}, {device_line()}",
         f"# command: {repeat_command('extract', args)}",
         f"# settings: streams {args.streams}, clip {args.clip_len}, short side {args.short_side}, crop {args.crop_size}, "
         f"batch {args.batch_size}, precision {args.precision}, flow {args.flow_backend}",
@@ -103,25 +94,6 @@ def run_bench(args: argparse.Namespace) -> int:
     lines += [f"| {name} | {seconds:.1f} | {seconds / wall:.2f} |" for name, seconds in busy.items()]
     print("\n".join(lines))
     return 0 if not report.failed else 1
-
-
-def _stage_busy(events: list[dict]) -> dict[str, float]:
-    """Seconds inside each stage's Ray tasks / actor methods ("X" events, dur in us). An event's text
-    is its "cat" and "name": Ray Data tasks read "task::FlatMap(decode_clips)" + "..._map_task", actor
-    pool calls "task::MapWorker(MapBatches(FlowStage)).submit" + "submit", plain tasks and actor
-    methods "task::_decode_segment" + "quovadis.jobs.preprocess._decode_segment". It counts for the
-    first stage, in _MATCH_ORDER, one of whose substrings it contains; actor constructors (__init__:
-    startup, model loading) count for none."""
-    busy = {name: 0.0 for name in STAGES}
-    for e in events:
-        if e.get("ph") != "X" or e.get("name") == "__init__":
-            continue
-        text = f"{e.get('cat', '')} {e.get('name', '')}"
-        for stage in _MATCH_ORDER:
-            if any(part in text for part in STAGES[stage]):
-                busy[stage] += float(e.get("dur", 0)) / 1e6
-                break
-    return busy
 
 
 class _ByteWatcher:
@@ -167,13 +139,3 @@ class _ByteWatcher:
 def _feature_bytes(out: Path) -> int:
     files = {*out.glob("features-*.h5"), *out.rglob("*.npy"), out / "index.jsonl"}
     return sum(p.stat().st_size for p in files if p.is_file())
-
-
-def _device() -> str:
-    cpus = len(os.sched_getaffinity(0))
-    text = f"{platform.processor() or platform.machine()}, {cpus} CPU cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    else:
-        text += ", no GPU"
-    return text

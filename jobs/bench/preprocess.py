@@ -1,0 +1,78 @@
+"""Preprocess benchmark: `quovadis preprocess` end to end on real videos, with each stage's busy time
+and flow's cost per pair inside the job.
+
+Figures: video-seconds per wall-second and frames/s (video time = frames at --fps), the bytes the
+job left under OUT (shards and their pieces), and per stage (decode, flow, write) the seconds spent
+inside its work, summed over its workers (jobs/bench/timeline.py). Flow per pair is
+the flow actors' seconds over their pairs (report.json's "flow", timed in the actors), and again
+without each actor's first call, which holds its torch.compile (or CUDA start): the figures to set
+against the same frames timed outside the job (BENCHMARKS.md), not against `bench flow`, whose
+pairs are a video's first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from quovadis.jobs import options, preprocess as preprocess_job
+from quovadis.jobs.bench import device_line, repeat_command
+from quovadis.jobs.bench.timeline import stage_busy
+from quovadis.jobs.inputs import expand_inputs
+from quovadis.jobs.runtime import init_ray
+
+log = logging.getLogger(__name__)
+
+_TIMELINE_DELAY_S = 2.0  # task events reach the timeline with a delay
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    inputs = expand_inputs(args.inputs)
+    with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
+        parser = argparse.ArgumentParser()
+        options.preprocess(parser)
+        job_args = parser.parse_args([
+            *inputs.paths, "--out", tmp, "--streams", args.streams, "--short-side", str(args.short_side),
+            "--compression", args.compression, "--flow-backend", args.flow_backend,
+            *(["--address", args.address] if args.address else []),
+        ])  # fmt: skip
+        cfg = preprocess_job.config_from_args(job_args)
+        init_ray(args.address)  # started before the clock: a long-lived cluster is the normal case
+        import ray
+
+        since_us = time.time() * 1e6  # the timeline keeps earlier jobs' events too
+        started = time.perf_counter()
+        report = preprocess_job.preprocess(inputs.paths, cfg, ignored=inputs.ignored)
+        wall = time.perf_counter() - started
+        stored = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+        time.sleep(_TIMELINE_DELAY_S)
+        events = [e for e in ray.timeline() if float(e.get("ts", 0)) >= since_us]
+    print("\n".join(_lines(args, report, wall, stored, events, cfg.decode.fps)))
+    return 0 if not report.failed else 1
+
+
+def _lines(args: argparse.Namespace, report, wall: float, stored: int, events: list[dict], fps: float) -> list[str]:
+    busy = stage_busy(events)
+    video_s = report.frames / fps
+    lines = [
+        f"# quovadis bench preprocess — {time.strftime('%Y-%m-%d')}, {device_line()}",
+        f"# command: {repeat_command('preprocess', args)}",
+        f"videos ok {len(report.ok)}, failed {len(report.failed)}; {report.frames} frames = {video_s:.1f} video-s; wall {wall:.1f} s",
+        f"video-s per wall-s {video_s / wall:.3f}   frames/s {report.frames / wall:.1f}   stored under OUT {stored / 1e6:.1f} MB",
+        "",
+        "| stage | busy s | busy / wall |",
+        "|---|---:|---:|",
+        *(f"| {name} | {seconds:.2f} | {seconds / wall:.2f} |" for name, seconds in busy.items() if name != "i3d"),
+    ]
+    if flow := report.extra.get("flow"):
+        actors = flow["actors"].values()
+        firsts = [a["first_call_s"] for a in actors if a["first_call_s"] is not None]
+        later_s = flow["busy_s"] - sum(firsts)
+        later_pairs = flow["pairs"] - sum(a["first_call_pairs"] for a in actors)
+        later = f"the other calls {later_s / later_pairs:.3f} s per pair" if later_pairs else "no other calls"
+        lines += ["", f"flow: {flow['pairs']} pairs on {len(actors)} actors, {flow['busy_s']:.1f} s busy = {flow['s_per_pair']:.3f} s per pair; "
+                      f"each actor's first call {', '.join(f'{s:.1f}' for s in firsts)} s; {later}"]  # fmt: skip
+    return lines
