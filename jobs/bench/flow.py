@@ -1,7 +1,8 @@
 """Flow benchmark: pairs/s and accuracy of our TV-L1 (CPU eager, CPU compiled, CUDA when present)
 against OpenCV-contrib's DualTVL1 on the same frames in the same run.
 
-Frames: consecutive frames of a real video, scaled to the shorter side of each size and centre
+Frames: consecutive frames of a real video (its first --pairs + 1, or all: the pairs a job gives
+flow for that video, to set a job's cost per pair against), scaled to the shorter side of each size and centre
 cropped (224x224, 256x340 by default), converted with `rgb_to_gray`. Speed: pairs/s over all pairs
 after a warm-up batch (compilation, CUDA graph capture), wall and CPU time (the CPU seconds show the
 cost on a shared machine). Accuracy: the mean endpoint distance of each method's fields to OpenCV's
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quovadis.jobs.bench import repeat_command
 from quovadis.pipeline.errors import ConfigError, DecodeError
 from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray, tvl1, tvl1_opencv
 from quovadis.pipeline.flowviz import endpoint_error, read_flo
@@ -59,7 +61,7 @@ def run_bench(args: argparse.Namespace) -> int:
     cv2.setNumThreads(args.threads)
     methods = _methods(args)
     cuda_skipped = [m for m in args.methods.split(",") if m.startswith("cuda")] if not torch.cuda.is_available() else []
-    needed = max(args.pairs, 1) + 1
+    needed = None if args.pairs == 0 else max(args.pairs, 1) + 1  # 0: every frame of the video
     rows: list[Row] = []
     for height, width in sizes:
         gray = rgb_to_gray(_decode(args.video, needed, height, width))
@@ -112,14 +114,15 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _decode(path: str, count: int, height: int, width: int) -> np.ndarray:
-    """The first `count` frames, scaled to cover height x width and centre cropped: uint8 (T, H, W, 3)."""
+def _decode(path: str, count: int | None, height: int, width: int) -> np.ndarray:
+    """The first `count` frames (None: all), scaled to cover height x width and centre cropped:
+    uint8 (T, H, W, 3)."""
     from quovadis.pipeline.probe import ffmpeg_exe, ffmpeg_input
 
     vf = (f"scale=w='if(gt(a,{width}/{height}),-2,{width})':h='if(gt(a,{width}/{height}),{height},-2)'"
           f":flags=bilinear,crop={width}:{height}")
-    cmd = [ffmpeg_exe(), "-v", "error", "-i", ffmpeg_input(path), "-an", "-sn", "-vf", vf, "-frames:v", str(count),
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    cmd = [ffmpeg_exe(), "-v", "error", "-i", ffmpeg_input(path), "-an", "-sn", "-vf", vf,
+           *(["-frames:v", str(count)] if count else []), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]  # fmt: skip
     try:
         raw = subprocess.run(cmd, check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
@@ -170,7 +173,7 @@ def _print_table(rows: list[Row], epe: dict[str, dict[str, float]], args: argpar
     cpu_name = _cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     lines = [
-        f"quovadis bench flow --sizes {args.sizes} --pairs {args.pairs} --threads {args.threads}  "
+        f"{repeat_command('flow', args)}  "
         f"(CPU: {cpu_name}, {args.threads} thread(s) for torch and OpenCV; GPU: {gpu}; torch {torch.__version__})",
         f"{'method':18} {'device':7} {'size':>8} {'pairs':>6} {'pairs/s':>8} {'CPU s/pair':>10} {'x opencv':>8} {'x cv CPU':>9} "
         f"{'dist to cv':>10} " + " ".join(f"{'EPE ' + n:>15}" for n in MIDDLEBURY),
