@@ -6,14 +6,13 @@ job left under OUT (shards and their pieces), and per stage (decode, flow, write
 inside its work, summed over its workers (jobs/bench/timeline.py). Flow per pair is
 the flow actors' seconds over their pairs (report.json's "flow", timed in the actors), and again
 without each actor's first call, which holds its torch.compile (or CUDA start): the figures to set
-against the same frames timed outside the job (BENCHMARKS.md), not against `bench flow`, whose
-pairs are a video's first.
+against the same frames timed outside the job, or `bench flow --pairs 0` on the same video
+(BENCHMARKS.md), not against bench flow's default pairs, a video's first.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ from quovadis.jobs.bench import device_line, repeat_command
 from quovadis.jobs.bench.timeline import stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
-
-log = logging.getLogger(__name__)
 
 _TIMELINE_DELAY_S = 2.0  # task events reach the timeline with a delay
 
