@@ -2,16 +2,23 @@
 from probing, with the rate (video-seconds per wall-second, i.e. times real time) and an ETA.
 
 While the bar is open, log records print above it (tqdm's logging redirect) instead of breaking
-it. The bar is off where stderr is not a terminal (tqdm's disable=None).
+it, and so does what other code writes to the terminal's stderr descriptor directly: Ray's C++ core
+worker logs there (e.g. its line on actors with restarts, once per actor of a pool), past Python's
+logging (`_StderrAboveBar`). The bar is off where stderr is not a terminal (tqdm's disable=None).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
+import threading
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+_DRAIN_S = 5.0  # at the end, how long the lines still in the pipe may take to print
 
 
 class Progress(contextlib.AbstractContextManager):
@@ -28,11 +35,14 @@ class Progress(contextlib.AbstractContextManager):
         self.failed = 0
         self._bar: tqdm | None = None
         self._redirect: contextlib.AbstractContextManager | None = None
+        self._stderr: _StderrAboveBar | None = None
 
     def __enter__(self) -> Progress:
         self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
         self._redirect.__enter__()
+        self._stderr = _StderrAboveBar() if self.disable is not True and os.isatty(2) else None
         self._bar = tqdm(total=0.0, desc=self.desc, unit="video-s", disable=self.disable, dynamic_ncols=True,
+                         file=self._stderr.terminal if self._stderr else sys.stderr,
                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} video-s "
                                     "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")  # fmt: skip
         return self
@@ -40,6 +50,8 @@ class Progress(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._stderr is not None:
+            self._stderr.close()
         if self._redirect is not None:
             self._redirect.__exit__(*exc)
 
@@ -72,3 +84,31 @@ class Progress(contextlib.AbstractContextManager):
             if failed:
                 self._bar.set_postfix(failed=self.failed, refresh=False)
             self._bar.update(real - advanced)
+
+
+class _StderrAboveBar:
+    """While open, descriptor 2 is a pipe whose lines a thread prints above the bar, whole (tqdm.write);
+    the bar draws on `terminal`, a copy of the original descriptor. Python's own stderr writes (the
+    log records, warnings) take the same way. Closing puts descriptor 2 back and prints what is left."""
+
+    def __init__(self) -> None:
+        self.terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
+        read, write = os.pipe()
+        sys.stderr.flush()
+        os.dup2(write, 2)
+        os.close(write)
+        self._lines = os.fdopen(read, "r", errors="replace")
+        self._thread = threading.Thread(target=self._print, name="stderr-above-bar", daemon=True)
+        self._thread.start()
+
+    def _print(self) -> None:
+        for line in self._lines:
+            tqdm.write(line.rstrip("\n"), file=self.terminal)
+
+    def close(self) -> None:
+        sys.stderr.flush()
+        os.dup2(self.terminal.fileno(), 2)  # closes the pipe's writing end: the thread reads to its end
+        self._thread.join(_DRAIN_S)
+        if not self._thread.is_alive():  # else a child process still holds the pipe: both stay open for the thread
+            self._lines.close()
+            self.terminal.close()

@@ -22,12 +22,12 @@ from tests.videos import make_video
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
 
 
-def _in_terminal(args: list[str], cwd: Path) -> list[str]:
-    """Run `quovadis ARGS` with stdout and stderr on a 120-column pseudo-terminal; the screen
-    updates it wrote, split where the terminal would start over (\\r or \\n)."""
+def _in_terminal(args: list[str], cwd: Path, command: tuple[str, ...] = ("-m", "quovadis")) -> list[str]:
+    """Run `quovadis ARGS` (or python COMMAND ARGS) with stdout and stderr on a 120-column
+    pseudo-terminal; the screen updates it wrote, split where the terminal would start over (\\r or \\n)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "quovadis", *args], stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, *command, *args], stdout=slave, stderr=slave,
                             stdin=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
     os.close(slave)
     out = b""
@@ -54,9 +54,16 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
+def _bar(job: str) -> re.Pattern:
+    return re.compile(rf"{job}: +\d+%\|[^|]*\| \d+/\d+ video-s \[[^\]]*\]")
+
+
 def _check_bar(parts: list[str], job: str, seconds: float) -> None:
     bars = [p for p in parts if "video-s [" in p and not LOG_LINE.match(p)]
     assert bars and all(p.startswith(f"{job}:") for p in bars), bars  # one bar, the job's own
+    assert all(_bar(job).fullmatch(p) for p in bars), bars  # nothing written into it
+    ray_lines = [p for p in parts if "core_worker.cc" in p]  # Ray's C++ log, e.g. on pool actors with restarts
+    assert all(p.startswith("[") for p in ray_lines), ray_lines  # above the bar, whole
     last = re.search(r"(\d+)/(\d+) video-s", bars[-1])
     assert last and int(last[1]) == int(last[2]) == round(seconds), bars[-1]  # done = the probed total
     assert "failed=1" in bars[-1]
@@ -80,6 +87,28 @@ def test_extract_shows_one_bar_not_one_per_stage(inputs, tmp_path):
     _check_bar(parts, "extract", 5.0)
     summary = next(p for p in parts if "extract: 2 ok" in p)
     assert "5.0 video-s" in summary and "video-s per s" in summary
+
+
+_RAW_WRITER = """
+import os, time
+from quovadis.jobs.progress import Progress
+with Progress("demo") as progress:
+    progress.expect("a.mp4", 4.0)
+    progress.advance("a.mp4", 1.0)
+    os.write(2, b"written to descriptor 2 by C code\\n")  # as Ray's core worker logs, past Python
+    time.sleep(0.2)
+    progress.advance("a.mp4", 1.0)
+    progress.done("a.mp4")
+os.write(2, b"after the bar\\n")
+"""
+
+
+def test_writes_to_descriptor_2_print_above_the_bar_whole(tmp_path):
+    parts = _in_terminal([_RAW_WRITER], tmp_path, command=("-c",))
+    assert "written to descriptor 2 by C code" in parts and parts[-1] == "after the bar"
+    bars = [p for p in parts if "video-s [" in p]
+    assert bars and all(_bar("demo").fullmatch(p) for p in bars), bars
+    assert re.search(r" 4/4 video-s", bars[-1])
 
 
 def test_parts_of_a_video_move_the_bar_up_to_what_was_expected():
