@@ -162,7 +162,7 @@ class _ShardSink:
         self.videos: dict[str, _Video] = {}
         self.finished: set[str] = set()
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
-        self.flow_actors: dict[str, dict[str, float]] = {}  # "node:pid" of each flow actor that sent a chunk -> its work
+        self.flow_actors: dict[str, dict[str, Any]] = {}  # "node:pid" of each flow actor that sent a chunk -> its work
         self.write_nodes: dict[str, int] = {}  # node id -> chunks written into pieces there
         self.writer_error: str | None = None
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from quovadis.jobs import extract as extract_job, options
 from quovadis.jobs.bench import device_line, repeat_command
-from quovadis.jobs.bench.timeline import stage_busy
+from quovadis.jobs.bench.timeline import events_since, stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
 
@@ -59,10 +59,9 @@ def run_bench(args: argparse.Namespace) -> int:
         ])  # fmt: skip
         cfg = extract_job.config_from_args(job_args)
         init_ray(args.address)  # started before the clock: a long-lived cluster is the normal case
-        import ray
-
         watcher = _ByteWatcher(Path(tmp))
         watcher.start()
+        since = time.time()
         started = time.perf_counter()
         try:
             report = extract_job.extract(videos, cfg)
@@ -70,8 +69,7 @@ def run_bench(args: argparse.Namespace) -> int:
             wall = time.perf_counter() - started
             watcher.stop()
         feature_bytes = _feature_bytes(Path(tmp))
-        time.sleep(2.0)  # task events reach the timeline with a delay
-        busy = stage_busy(ray.timeline())
+        busy = stage_busy(events_since(since))
     inside = report.extra.get("stage_busy_s") or {}
     busy["i3d"] += inside.get("i3d_s", 0.0)
     busy["write"] += inside.get("write_s", 0.0)

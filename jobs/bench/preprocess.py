@@ -19,12 +19,9 @@ from pathlib import Path
 
 from quovadis.jobs import options, preprocess as preprocess_job
 from quovadis.jobs.bench import device_line, repeat_command
-from quovadis.jobs.bench.timeline import stage_busy
+from quovadis.jobs.bench.timeline import events_since, stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
-
-_TIMELINE_DELAY_S = 2.0  # task events reach the timeline with a delay
-
 
 def run_bench(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.inputs)
@@ -38,15 +35,12 @@ def run_bench(args: argparse.Namespace) -> int:
         ])  # fmt: skip
         cfg = preprocess_job.config_from_args(job_args)
         init_ray(args.address)  # started before the clock: a long-lived cluster is the normal case
-        import ray
-
-        since_us = time.time() * 1e6  # the timeline keeps earlier jobs' events too
+        since = time.time()
         started = time.perf_counter()
         report = preprocess_job.preprocess(inputs.paths, cfg, ignored=inputs.ignored)
         wall = time.perf_counter() - started
         stored = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-        time.sleep(_TIMELINE_DELAY_S)
-        events = [e for e in ray.timeline() if float(e.get("ts", 0)) >= since_us]
+        events = events_since(since)
     print("\n".join(_lines(args, report, wall, stored, events, cfg.decode.fps)))
     return 0 if not report.failed else 1
 

@@ -9,6 +9,10 @@ model loading) count for no stage.
 
 from __future__ import annotations
 
+import time
+
+_DELAY_S = 2.0  # task events reach the timeline with a delay
+
 STAGES = {  # stage -> substrings of timeline event names
     "decode": ("plan_video", "decode_clips", "decode_chunks", "_decode_segment", "_probe"),
     "flow": ("FlowStage", "flow"),
@@ -31,3 +35,12 @@ def stage_busy(events: list[dict]) -> dict[str, float]:
                 busy[stage] += float(e.get("dur", 0)) / 1e6
                 break
     return busy
+
+
+def events_since(started_s: float) -> list[dict]:
+    """The timeline's events from `started_s` (time.time()) on: a long-lived cluster's timeline
+    holds its earlier jobs' too."""
+    import ray
+
+    time.sleep(_DELAY_S)
+    return [e for e in ray.timeline() if float(e.get("ts", 0)) >= started_s * 1e6]
