@@ -48,6 +48,8 @@ class Progress(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._stderr is not None:
+            self._stderr.stop()  # its last lines print above the bar while the bar is still there to clear
         if self._bar is not None:
             self._bar.close()
         if self._stderr is not None:
@@ -89,7 +91,9 @@ class Progress(contextlib.AbstractContextManager):
 class _StderrAboveBar:
     """While open, descriptor 2 is a pipe whose lines a thread prints above the bar, whole (tqdm.write);
     the bar draws on `terminal`, a copy of the original descriptor. Python's own stderr writes (the
-    log records, warnings) take the same way. Closing puts descriptor 2 back and prints what is left."""
+    log records, warnings) take the same way. `stop` puts descriptor 2 back and prints what is left,
+    before the bar closes: a line printed after the bar has left tqdm's list would land on the bar's
+    own line (seen: "... failed=1]2026-12-03 07:53:25,111 INFO ... wrote shard-00000.h5")."""
 
     def __init__(self) -> None:
         self.terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
@@ -105,10 +109,13 @@ class _StderrAboveBar:
         for line in self._lines:
             tqdm.write(line.rstrip("\n"), file=self.terminal)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Descriptor 2 back to the terminal, and what the pipe still holds printed."""
         sys.stderr.flush()
         os.dup2(self.terminal.fileno(), 2)  # closes the pipe's writing end: the thread reads to its end
         self._thread.join(_DRAIN_S)
+
+    def close(self) -> None:
         if not self._thread.is_alive():  # else a child process still holds the pipe: both stay open for the thread
             self._lines.close()
             self.terminal.close()
