@@ -37,7 +37,7 @@ import pickle
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,8 +48,10 @@ from quovadis.pipeline import conventions
 from quovadis.pipeline.clips import Clip, ClipSpec, SegmentEnd, crop_flow, segment_clips
 from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
-from quovadis.pipeline.flow import FlowConfig
 from quovadis.pipeline.shards import stored_flow
+
+if TYPE_CHECKING:  # a CPU task's worker imports this module: torch is imported by the actors that use it
+    from quovadis.pipeline.flow import FlowConfig
 
 _FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a clip costs seconds, so queue none at a busy actor while another idles
 _PLAN_CPUS = 0.25  # a probe task's CPU share

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quovadis.pipeline.flow import FlowConfig
+if TYPE_CHECKING:  # the graph's CPU tasks import this module; torch (with flow) only where flow runs
+    from quovadis.pipeline.flow import FlowConfig
 
 
 def flow_on_gpu(cfg: FlowConfig, gpus: int) -> bool:

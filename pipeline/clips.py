@@ -27,7 +27,6 @@ import numpy as np
 from quovadis.pipeline import conventions
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames
 from quovadis.pipeline.errors import ConfigError
-from quovadis.pipeline.flow import rgb_to_gray
 from quovadis.pipeline.probe import VideoInfo
 
 CROPS = ("center", "full")
@@ -135,7 +134,7 @@ def _clip(frames: deque[np.ndarray], base: int, start: int, total: int | None, s
     if "flow" in spec.streams and (total is None or total >= 2):
         fields = start + np.arange(T) if total is None else conventions.clip_flow_indices(start, T, total)
         lo, hi = int(fields.min()), int(fields.max()) + 2
-        clip.gray = rgb_to_gray(np.stack([frames[i - base] for i in range(lo, hi)]))
+        clip.gray = conventions.rgb_to_gray(np.stack([frames[i - base] for i in range(lo, hi)]))
         clip.fields = fields - lo
     return clip
 

@@ -6,6 +6,7 @@ On disk (shards):
           with B = FLOW_BOUND px; or float16 pixels when stored raw.
 In the model:
     float32 (N, C, T, H, W) in [-1, 1]: rgb x / 127.5 - 1, flow q / 127.5 - 1 (= clip(f, -B, B) / B).
+Grey (the frames flow is computed on): uint8 (T, H, W), `rgb_to_gray`, as OpenCV's RGB2GRAY.
 Time base: frames resampled to FPS; frame k shows the source at time k / FPS.
 Clips: see `clip_starts` (which clips a video has), `clip_frame_indices` (looped padding) and
 `clip_flow_indices`: a clip of L rgb frames starting at t pairs with the L flow fields
@@ -30,6 +31,9 @@ CLIP_LEN = 64  # frames per I3D clip (the paper's training length)
 FLOW_BOUND = 20.0  # |flow| clip in pixels before quantisation (the paper's TV-L1 truncation)
 
 _UINT8_HALF = 127.5  # maps uint8 0..255 onto [-1, 1]
+# cv2.cvtColor RGB2GRAY for uint8 in OpenCV 5: 15-bit fixed point, round half up (checked on all 2^24 colours)
+_GRAY_SHIFT = 15
+_GRAY_COEFFS = (9798, 19235, 3735)  # R, G, B; sum 2^15
 
 
 def rgb_to_model(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,18 @@ def rgb_to_model(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     x = torch.as_tensor(frames)
     return _channels_first(x.to(torch.float32) / _UINT8_HALF - 1.0)
+
+
+def rgb_to_gray(frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) RGB -> uint8 (..., H, W), bit-exact to cv2.cvtColor(COLOR_RGB2GRAY):
+    the one grayscale conversion of quovadis, the frames flow is computed on."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
+        raise ValueError(f"rgb_to_gray needs uint8 (..., H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    r, g, b = (frames[..., i].astype(np.int32) for i in range(3))
+    cr, cg, cb = _GRAY_COEFFS
+    y = (r * cr + g * cg + b * cb + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
+    return y.astype(np.uint8)
 
 
 def quantize_flow(flow: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quovadis.pipeline import conventions
 from quovadis.pipeline.errors import ConfigError, FlowError
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,6 @@ _FLT_EPSILON = float(np.finfo(np.float32).eps)  # OpenCV's "gradient is zero" te
 _CUBIC_A = -0.75  # cv::remap INTER_CUBIC kernel parameter
 _CUDA_BATCH_PAIRS = 32  # default pairs per batch on CUDA (FlowConfig.batch_pairs None)
 _HUGE = 1e30  # 1 / |grad|^2 where |grad|^2 <= _FLT_EPSILON: the threshold step then saturates at +-l_t
-# cv2.cvtColor RGB2GRAY for uint8 in OpenCV 5: 15-bit fixed point, round half up (checked on all 2^24 colours)
-_GRAY_SHIFT = 15
-_GRAY_COEFFS = (9798, 19235, 3735)  # R, G, B; sum 2^15
 
 
 @dataclass(frozen=True)
@@ -123,24 +121,6 @@ def resolve_device(cfg: FlowConfig, like: object = None) -> torch.device:
     if isinstance(like, torch.Tensor):
         return like.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ----------------------------------------------------------------------------------------------
-# grayscale
-
-
-def rgb_to_gray(frames: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, 3) RGB -> uint8 (..., H, W), bit-exact to cv2.cvtColor(COLOR_RGB2GRAY).
-
-    The one grayscale conversion of quovadis (flow is computed on these frames).
-    """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
-        raise FlowError(f"rgb_to_gray needs uint8 (..., H, W, 3) frames, got {frames.dtype} {frames.shape}")
-    r, g, b = (frames[..., i].astype(np.int32) for i in range(3))
-    cr, cg, cb = _GRAY_COEFFS
-    y = (r * cr + g * cg + b * cb + (1 << (_GRAY_SHIFT - 1))) >> _GRAY_SHIFT
-    return y.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,5 +607,5 @@ class FlowPredictor:
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
             raise FlowError(f"flow needs uint8 (T, H, W) or (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
-        gray = rgb_to_gray(frames) if frames.ndim == 4 else frames
+        gray = conventions.rgb_to_gray(frames) if frames.ndim == 4 else frames
         return compute_flow(gray, self.cfg)

@@ -32,11 +32,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from quovadis.pipeline import durable
+from quovadis.pipeline import conventions, durable
 from quovadis.pipeline.clips import SegmentEnd
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames
 from quovadis.pipeline.errors import ShardError
-from quovadis.pipeline.flow import rgb_to_gray
 from quovadis.pipeline.probe import VideoInfo
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def segment_chunks(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, 
         if flow:
             frames = chunk.frames if previous is None else np.concatenate([previous[None], chunk.frames])
             if len(frames) >= 2:
-                out.flow_start, out.gray = chunk.start - (previous is not None), rgb_to_gray(frames)
+                out.flow_start, out.gray = chunk.start - (previous is not None), conventions.rgb_to_gray(frames)
             previous = chunk.frames[-1]
         count += len(own)
         if len(own) or out.gray is not None:

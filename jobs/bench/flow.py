@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from quovadis.jobs.bench import repeat_command
+from quovadis.pipeline.conventions import rgb_to_gray
 from quovadis.pipeline.errors import ConfigError, DecodeError
-from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray, tvl1, tvl1_opencv
+from quovadis.pipeline.flow import FlowConfig, compute_flow, tvl1, tvl1_opencv
 from quovadis.pipeline.flowviz import endpoint_error, read_flo
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import torch
 
 from quovadis.jobs import options, show
 from quovadis.pipeline.errors import QuovadisError, ShardError
-from quovadis.pipeline.flow import FlowConfig, compute_flow, rgb_to_gray
+from quovadis.pipeline.conventions import rgb_to_gray
+from quovadis.pipeline.flow import FlowConfig, compute_flow
 from quovadis.pipeline.flowviz import flow_to_color
 from quovadis.pipeline.shards import ShardConfig, ShardWriter
 

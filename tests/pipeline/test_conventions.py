@@ -1,9 +1,11 @@
 """pipeline/conventions.py against literal values worked out by hand from its docstrings: flow
 quantisation q = round((clip(f, -20, 20) + 20) * 255 / 40) (= 6.375 * (f + 20), ties to even), its
-inverse, the [-1, 1] maps, and the clip and frame/flow index rules at the edges."""
+inverse, the [-1, 1] maps, the clip and frame/flow index rules at the edges; the grey conversion
+against OpenCV's."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,12 @@ def test_center_crop_box_rounds_offsets_down():
     assert conventions.center_crop_box(256, 455, 224) == (16, 115, 224, 224)
     assert conventions.center_crop_box(225, 226, 224) == (0, 1, 224, 224)
     assert conventions.center_crop_box(224, 224, 224) == (0, 0, 224, 224)
+
+
+def test_rgb_to_gray_is_cvtcolor_on_every_colour():
+    v = np.arange(256, dtype=np.uint8)
+    cube = np.stack(np.meshgrid(v, v, v, indexing="ij"), axis=-1).reshape(4096, 4096, 3)
+    np.testing.assert_array_equal(conventions.rgb_to_gray(cube), cv2.cvtColor(cube, cv2.COLOR_RGB2GRAY))
+    assert conventions.rgb_to_gray(cube.reshape(4, 1024, 4096, 3)).shape == (4, 1024, 4096)
+    with pytest.raises(ValueError, match="uint8"):
+        conventions.rgb_to_gray(cube.astype(np.float32))
