@@ -1,6 +1,6 @@
 """The graph's CPU stages (jobs/graph.py) as a Ray worker runs them: a worker imports a task's module
 and nothing else, so probe, decode and write tasks start without torch (a second's import and
-hundreds of MB in every worker process; only the flow and I3D actors need it)."""
+180 MiB of RSS in every worker process; only the flow and I3D actors need it)."""
 
 from __future__ import annotations
 
