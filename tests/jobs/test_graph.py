@@ -22,7 +22,6 @@ ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 @ray.remote
 def stages(video, shard_dir):
     import sys
-    import numpy as np
     from quovadis.jobs import graph
     from quovadis.pipeline.clips import ClipSpec
     from quovadis.pipeline.decode import DecodeConfig
@@ -32,8 +31,7 @@ def stages(video, shard_dir):
     planned = list(graph.plan_video(graph.row(video, graph.VIDEO), decode, None))
     segment = next(r for r in planned if r["kind"] == graph.SEGMENT)
     chunks = list(graph.decode_chunks(segment, decode, flow=True))
-    batch = {k: np.array([r[k] for r in chunks], dtype=object) for k in ("path", "kind", "start", "payload")}
-    written = graph.write_pieces(batch, shard_dir, compression_options("none"), 4)
+    written = graph.write_pieces(graph._columns(chunks), shard_dir, compression_options("none"), 4)
     spec = ClipSpec(clip_len=8, stride=8, crop_size=40, streams=("rgb", "flow"))
     segment = next(r for r in graph.plan_video(graph.row(video, graph.VIDEO), decode, spec) if r["kind"] == graph.SEGMENT)
     clips = list(graph.decode_clips(segment, decode, spec))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from quovadis.pipeline.clips import Clip, ClipSpec, SegmentEnd, clip_segment_frames, crop_flow, segment_clips
+from quovadis.pipeline.conventions import rgb_to_gray
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size
 from quovadis.pipeline.errors import ConfigError
-from quovadis.pipeline.conventions import rgb_to_gray
 from quovadis.pipeline.probe import probe
 from tests.videos import make_video
 

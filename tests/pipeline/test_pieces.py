@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from quovadis.pipeline import manifest
-from quovadis.pipeline.conventions import quantize_flow
+from quovadis.pipeline.conventions import quantize_flow, rgb_to_gray
 from quovadis.pipeline.dataset import ShardDataset
 from quovadis.pipeline.decode import DecodeConfig, iter_frames, plan_segments
 from quovadis.pipeline.errors import ShardError
-from quovadis.pipeline.conventions import rgb_to_gray
 from quovadis.pipeline.pieces import PIECES_DIR, Chunk, remove_unused, segment_chunks, write_piece
 from quovadis.pipeline.probe import probe
 from quovadis.pipeline.shards import ShardConfig, ShardWriter, list_shards, open_video
