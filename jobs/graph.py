@@ -4,8 +4,8 @@
 extract (`build`), frames never written to disk:
 
     input rows --plan (probe, segments; CPU tasks)--> a planned row (probed duration) + segment rows
-               --decode (pipeline.clips; CPU tasks)--> clip rows (uint8 RGB, grey frames) + end rows
-               --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow
+               --decode (pipeline.clips; CPU tasks)--> clip rows (a run of clips: uint8 RGB, grey frames) + end rows
+               --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow (once per run)
                --I3D (actor pool: one per GPU, or one CPU actor; model loaded once)--> feature rows
 
 preprocess (`build_preprocess`):
@@ -45,7 +45,7 @@ from quovadis.jobs.report import failure_reason
 from quovadis.jobs.resources import StageResources
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES
 from quovadis.pipeline import conventions
-from quovadis.pipeline.clips import Clip, ClipSpec, SegmentEnd, crop_flow, segment_clips
+from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, crop_flow, segment_clips
 from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
 from quovadis.pipeline.shards import stored_flow
@@ -111,8 +111,9 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -
 
 
 def decode_clips(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Iterator[dict[str, Any]]:
-    """A segment row -> its clip rows and end row; a stored row -> its clips read from the shard and
-    an end row; a failure -> one failed row (clips already sent are dropped by the driver)."""
+    """A segment row -> its clip rows (a ClipRun each) and end row; a stored row -> its clips read
+    from the shard and an end row; a failure -> one failed row (clips already sent are dropped by
+    the driver)."""
     path = r["path"]
     if r["kind"] not in (SEGMENT, STORED):
         yield r
@@ -129,15 +130,16 @@ def decode_clips(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Ite
             if isinstance(part, SegmentEnd):
                 yield row(path, END, part.index, end=part, segments=p.get("segments", 1), attrs=attrs, node=_node())
             else:
-                if "flow" in spec.streams and part.gray is None and part.flow is None:  # a one-frame video
-                    part.flow = np.zeros((spec.clip_len, part.box[2], part.box[3], 2), np.float32)
-                yield row(path, CLIP, part.start, clip=part)
+                for clip in part.clips:
+                    if "flow" in spec.streams and clip.fields is None and clip.flow is None:  # a one-frame video
+                        clip.flow = np.zeros((spec.clip_len, clip.box[2], clip.box[3], 2), np.float32)
+                yield row(path, CLIP, part.start, run=part)
     except (QuovadisError, OSError, KeyError, ValueError) as e:
         yield _failed(path, failure_reason(e, path))
 
 
 def _stored_clips(shard: str, key: str, frames: int, warnings: list[str], spec: ClipSpec,
-                  attrs: dict[str, Any]) -> Iterator[Clip | SegmentEnd]:  # fmt: skip
+                  attrs: dict[str, Any]) -> Iterator[ClipRun | SegmentEnd]:  # fmt: skip
     """The clips of a video stored in a shard (as preprocess wrote it), then its end; `attrs` gets
     its decode settings and size on opening."""
     from pathlib import Path
@@ -158,7 +160,7 @@ def _stored_clips(shard: str, key: str, frames: int, warnings: list[str], spec: 
             raise QuovadisError(f"{shard} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
         for start in conventions.clip_starts(frames, spec.clip_len, spec.stride):
             clip = read_clip(video.group, start, frames, spec.clip_len, streams, region)
-            yield Clip(start, box, rgb=clip.get("rgb"), flow=clip.get("flow"))
+            yield ClipRun([Clip(start, box, rgb=clip.get("rgb"), flow=clip.get("flow"))])
     yield SegmentEnd(Segment(0, 0, None), frames, frames, warnings)
 
 
@@ -206,9 +208,10 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
 
 
 class FlowStage:
-    """Flow of each clip (extract) or chunk (preprocess) from its grey frames, stored as shards
-    store it (quantised uint8 or float16), a clip's cropped; one TV-L1 device per actor. The row
-    says which actor, its how-manieth call and how many seconds it took (preprocess's report.json)."""
+    """Flow of each run of clips (extract) or chunk (preprocess) from its grey frames, stored as
+    shards store it (quantised uint8 or float16), each clip's cropped; one TV-L1 device per actor.
+    The row says which actor, its how-manieth call and how many seconds it took (preprocess's
+    report.json)."""
 
     def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
@@ -221,13 +224,17 @@ class FlowStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"path": [], "kind": [], "start": [], "payload": []}
         for r in _rows(batch):
-            name = {CLIP: "clip", CHUNK: "chunk"}.get(r["kind"])
+            name = {CLIP: "run", CHUNK: "chunk"}.get(r["kind"])
             if name and (p := payload(r))[name].gray is not None:
                 item = p[name]
                 try:
                     started = time.perf_counter()
                     stored = stored_flow(self.predict(item.gray), self.flow_dtype)
-                    item.flow = np.ascontiguousarray(crop_flow(stored, item) if name == "clip" else stored)
+                    if name == "run":
+                        for clip in item.clips:
+                            clip.flow = np.ascontiguousarray(crop_flow(stored, clip))
+                    else:
+                        item.flow = stored
                     item.gray = None
                     r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor,
                             flow_s=time.perf_counter() - started, flow_call=self.calls)  # fmt: skip
@@ -240,9 +247,10 @@ class FlowStage:
 
 
 class I3DStage:
-    """I3D features of the clips of a batch (across videos); one model per actor."""
+    """I3D features of the clips of a batch of runs (across videos), at most `batch_size` clips per
+    model call; one model per actor."""
 
-    def __init__(self, cfg, all_cores: bool) -> None:
+    def __init__(self, cfg, all_cores: bool, batch_size: int) -> None:
         import torch
 
         from quovadis.models.predictor import I3DPredictor
@@ -251,29 +259,31 @@ class I3DStage:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
         self.predict = I3DPredictor(cfg)
         self.streams = tuple(cfg.streams)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.perf_counter()
         rows = list(_rows(batch))
         out = [r for r in rows if r["kind"] != CLIP]
-        groups: dict[tuple, list[tuple[dict, dict]]] = {}
+        groups: dict[tuple, list[tuple[str, Clip, str | None]]] = {}  # clips of one shape: (path, clip, flow actor)
         for r in rows:
             if r["kind"] == CLIP:
                 p = payload(r)
-                clip = p["clip"]
-                kind = tuple((s, getattr(clip, s).shape, getattr(clip, s).dtype.str) for s in self.streams)
-                groups.setdefault(kind, []).append((r, p))
-        for members in groups.values():
-            try:
-                inputs = {s: np.stack([getattr(p["clip"], s) for _, p in members]) for s in self.streams}
-                result = self.predict({"clip_id": np.arange(len(members)), **inputs})
-            except (QuovadisError, RuntimeError, ValueError) as e:
-                out.extend(_failed(r["path"], failure_reason(e, r["path"])) for r, _ in members)
-                continue
-            names = [n for n in result if n != "clip_id"]
-            for i, (r, p) in enumerate(members):
-                out.append(row(r["path"], FEATURES, r["start"], flow_actor=p.get("flow_actor"),
-                               **{n: np.asarray(result[n][i]) for n in names}))  # fmt: skip
+                for clip in p["run"].clips:
+                    kind = tuple((s, getattr(clip, s).shape, getattr(clip, s).dtype.str) for s in self.streams)
+                    groups.setdefault(kind, []).append((r["path"], clip, p.get("flow_actor")))
+        for group in groups.values():
+            for first in range(0, len(group), self.batch_size):
+                members = group[first : first + self.batch_size]
+                try:
+                    inputs = {s: np.stack([getattr(clip, s) for _, clip, _ in members]) for s in self.streams}
+                    result = self.predict({"clip_id": np.arange(len(members)), **inputs})
+                except (QuovadisError, RuntimeError, ValueError) as e:
+                    out.extend(_failed(path, failure_reason(e, path)) for path, _, _ in members)
+                    continue
+                names = [n for n in result if n != "clip_id"]
+                for i, (path, clip, actor) in enumerate(members):
+                    out.append(row(path, FEATURES, clip.start, flow_actor=actor, **{n: np.asarray(result[n][i]) for n in names}))
         busy = (time.perf_counter() - started) / max(1, len(out))
         return {**_columns(out), "busy_s": [busy] * len(out)}
 
@@ -346,8 +356,9 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
             ds = _with_flow(ds, resources, flow_dtype)
         i3d_options = dict(resources.i3d_options)
         return ds.map_batches(
-            I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores},
-            batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
+            I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores, "batch_size": batch_size},
+            # runs of clips per call: batch_size clips when runs are full
+            batch_size=max(1, batch_size // spec.run_clips), compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
             num_cpus=i3d_options.pop("num_cpus", None), num_gpus=i3d_options.pop("num_gpus", None),
             **_ACTORS, **i3d_options,
         )  # fmt: skip

@@ -297,6 +297,28 @@ def test_two_streams_npy_flow_features_equal_the_model(ray_session, tmp_path):
         _close(got[str(still)]["flow"][0], flow_model.features(zero)[0].numpy())
 
 
+def test_overlapping_clips_flow_features_equal_the_model(ray_session, tmp_path):
+    """16-frame clips every 4 frames: the clips of a run share one flow computation
+    (pipeline/clips.py), and each clip's features are still the model on that clip read from the
+    shards preprocess writes (flow computed there chunk by chunk, once per pair)."""
+    video = make_video(tmp_path / "moving.mp4", fps=25, duration=1.2, size=(80, 64))
+    flow = ["--flow-backend", "opencv"]
+    assert main(["preprocess", str(video), "--out", str(tmp_path / "shards"), "--short-side", "64", *flow]) == EXIT_OK
+    out = tmp_path / "out"
+    rc = main(["extract", str(video), "--out", str(out), *SMALL, "--stride", "4", *flow,
+               "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")])  # fmt: skip
+    assert rc == EXIT_OK
+    got = _all_features(out)[str(video)]
+    ds = ShardDataset(tmp_path / "shards", clip_len=16, stride=4, streams=("rgb", "flow"), crop_size=56)
+    assert len(ds) == len(got["starts"]) == 5  # 30 frames: 0, 4, 8, 12, and 16 looped
+    rgb_model, flow_model = load_i3d("rgb", _weights("rgb")), load_i3d("flow", _weights("flow"))
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            _close(got["rgb"][i], rgb_model.features(item["rgb"][None])[0].numpy())
+            _close(got["flow"][i], flow_model.features(item["flow"][None])[0].numpy())
+
+
 def test_a_video_failing_first_in_its_shard_does_not_drop_the_others(ray_session, tmp_path):
     """Videos of one shard are planned in key order; the first (too small for the crop) fails at
     once, and the shard's other video must still get its features written."""
