@@ -246,6 +246,7 @@ def _bench_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", default=[str(SHARED / "videos")], help="videos or directories (default ../shared/videos)")
     p.add_argument("--streams", default="rgb,flow")
     p.add_argument("--clip-len", type=int, default=conventions.CLIP_LEN)
+    p.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --clip-len)")
     p.add_argument("--short-side", type=int, default=conventions.SHORT_SIDE)
     p.add_argument("--crop-size", type=int, default=conventions.CROP_SIZE)
     p.add_argument("--batch-size", type=int, default=8)

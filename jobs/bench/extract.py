@@ -52,6 +52,7 @@ def run_bench(args: argparse.Namespace) -> int:
         options.extract(parser)
         job_args = parser.parse_args([
             *videos, "--out", tmp, "--streams", args.streams, "--clip-len", str(args.clip_len),
+            *(["--stride", str(args.stride)] if args.stride else []),
             "--short-side", str(args.short_side), "--crop-size", str(args.crop_size), "--batch-size", str(args.batch_size),
             "--precision", args.precision, "--flow-backend", args.flow_backend,
             "--weights-rgb", args.weights_rgb, "--weights-flow", args.weights_flow,
@@ -77,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> int:
     lines = [
         f"# quovadis bench extract — {time.strftime('%Y-%m-%d')}, {device_line()}",
         f"# command: {repeat_command('extract', args)}",
-        f"# settings: streams {args.streams}, clip {args.clip_len}, short side {args.short_side}, crop {args.crop_size}, "
+        f"# settings: streams {args.streams}, clip {args.clip_len}, stride {cfg.stride}, short side {args.short_side}, crop {args.crop_size}, "
         f"batch {args.batch_size}, precision {args.precision}, flow {args.flow_backend}",
         f"videos ok {len(report.ok)}, failed {len(report.failed)}; {report.frames} frames = {video_s:.1f} video-s; "
         f"{report.clips} clips; wall {wall:.1f} s",
