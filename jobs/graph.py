@@ -53,7 +53,7 @@ from quovadis.pipeline.shards import stored_flow
 if TYPE_CHECKING:  # a CPU task's worker imports this module: torch is imported by the actors that use it
     from quovadis.pipeline.flow import FlowConfig
 
-_FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a clip costs seconds, so queue none at a busy actor while another idles
+_FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a run of clips costs seconds, so queue none at a busy actor while another idles
 _PLAN_CPUS = 0.25  # a probe task's CPU share
 _MAX_INPUT_BLOCKS = 4096  # input rows are split into this many blocks at most: the plan tasks' parallelism
 
