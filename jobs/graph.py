@@ -45,7 +45,7 @@ from quovadis.jobs.report import failure_reason
 from quovadis.jobs.resources import StageResources
 from quovadis.jobs.runtime import ACTOR_RESTARTS, TASK_RETRIES
 from quovadis.pipeline import conventions
-from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, crop_flow, segment_clips
+from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, crop_flow, segment_clips, stored_runs
 from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
 from quovadis.pipeline.shards import stored_flow
@@ -158,9 +158,13 @@ def _stored_clips(shard: str, key: str, frames: int, warnings: list[str], spec: 
         streams = [s for s in spec.streams if s == "rgb" or frames >= 2]
         if "flow" in streams and "flow" not in video.streams:
             raise QuovadisError(f"{shard} has no flow for it; preprocess with --streams rgb,flow or extract --streams rgb")
-        for start in conventions.clip_starts(frames, spec.clip_len, spec.stride):
-            clip = read_clip(video.group, start, frames, spec.clip_len, streams, region)
-            yield ClipRun([Clip(start, box, rgb=clip.get("rgb"), flow=clip.get("flow"))])
+
+        def clips() -> Iterator[Clip]:
+            for start in conventions.clip_starts(frames, spec.clip_len, spec.stride):
+                clip = read_clip(video.group, start, frames, spec.clip_len, streams, region)
+                yield Clip(start, box, rgb=clip.get("rgb"), flow=clip.get("flow"))
+
+        yield from stored_runs(clips(), spec)
     yield SegmentEnd(Segment(0, 0, None), frames, frames, warnings)
 
 

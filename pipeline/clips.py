@@ -26,7 +26,7 @@ length.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,15 +134,19 @@ def segment_clips(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, s
     run: list[Clip] = []  # clips made, not yet yielded; their fields are still frame indices
     warnings: list[str] = []
     decoded = base
+
+    def made(clip: Clip) -> Iterator[ClipRun]:
+        run.append(clip)
+        if len(run) == spec.run_clips:
+            yield _run(frames, base, run[:])
+            run.clear()
+
     for chunk in iter_frames(path, cfg, info, start=base, end=end, warnings=warnings):
         frames.extend(chunk.frames)
         decoded = chunk.start + len(chunk.frames)
         while (last_owned is None or following <= last_owned) and following + T < decoded:
-            run.append(_clip(frames, base, following, None, spec, box))
+            yield from made(_clip(frames, base, following, None, spec, box))
             following += stride
-            if len(run) == spec.run_clips:
-                yield _run(frames, base, run)
-                run = []
         # keep frames from one before the next start (a last clip of one frame takes the field
         # before it) and every frame of the run's fields
         keep = min([following - 1, *(int(c.fields.min()) for c in run if c.fields is not None)])
@@ -153,10 +157,7 @@ def segment_clips(path: str, info: VideoInfo, seg: Segment, cfg: DecodeConfig, s
     if total is not None:
         for start in conventions.clip_starts(total, T, stride):
             if start >= following and (last_owned is None or start <= last_owned):
-                run.append(_clip(frames, base, start, total, spec, box))
-                if len(run) == spec.run_clips:
-                    yield _run(frames, base, run)
-                    run = []
+                yield from made(_clip(frames, base, start, total, spec, box))
     if run:
         yield _run(frames, base, run)
     own_end = decoded if seg.end is None else min(decoded, seg.end)
@@ -190,6 +191,19 @@ def _run(frames: deque[np.ndarray], base: int, clips: list[Clip]) -> ClipRun:
         for c in with_flow:
             c.fields = c.fields - lo
     return run
+
+
+def stored_runs(clips: Iterable[Clip], spec: ClipSpec) -> Iterator[ClipRun]:
+    """Clips that already have their flow (read from a shard) in runs of spec.run_clips, the size of
+    decoded runs, so that I3D's calls (spec.run_clips runs' worth of clips) are as full."""
+    run: list[Clip] = []
+    for clip in clips:
+        run.append(clip)
+        if len(run) == spec.run_clips:
+            yield ClipRun(run)
+            run = []
+    if run:
+        yield ClipRun(run)
 
 
 def crop_flow(flow: np.ndarray, clip: Clip) -> np.ndarray:

@@ -317,6 +317,13 @@ def test_overlapping_clips_flow_features_equal_the_model(ray_session, tmp_path):
             item = ds[i]
             _close(got["rgb"][i], rgb_model.features(item["rgb"][None])[0].numpy())
             _close(got["flow"][i], flow_model.features(item["flow"][None])[0].numpy())
+    # the same clips read from the shards (in runs too, flow read, not computed)
+    assert main(["extract", str(tmp_path / "shards"), "--out", str(tmp_path / "from_shards"), *SMALL, "--stride", "4",
+                 "--weights-rgb", _weights("rgb"), "--weights-flow", _weights("flow")]) == EXIT_OK  # fmt: skip
+    stored = _all_features(tmp_path / "from_shards")[str(video)]
+    np.testing.assert_array_equal(stored["starts"], got["starts"])
+    _close(stored["rgb"], got["rgb"])
+    _close(stored["flow"], got["flow"])
 
 
 def test_a_video_failing_first_in_its_shard_does_not_drop_the_others(ray_session, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, clip_segment_frames, crop_flow, segment_clips
+from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, clip_segment_frames, crop_flow, segment_clips, stored_runs
 from quovadis.pipeline.conventions import rgb_to_gray
 from quovadis.pipeline.decode import DecodeConfig, Segment, iter_frames, output_size
 from quovadis.pipeline.errors import ConfigError
@@ -111,3 +111,11 @@ def test_runs_group_only_overlapping_clips_with_flow():
     assert ClipSpec(64, 32).run_clips == 7
     assert ClipSpec(64, 64).run_clips == 1 and ClipSpec(64, 80).run_clips == 1
     assert ClipSpec(64, 16, streams=("rgb",)).run_clips == 1  # RGB clips share nothing to compute
+
+
+def test_stored_clips_come_in_runs_as_decoded_ones_do():
+    clips = [Clip(start, (0, 0, 4, 4)) for start in range(0, 32, 2)]
+    runs = list(stored_runs(clips, ClipSpec(8, 2)))
+    assert [len(r.clips) for r in runs] == [13, 3] and [c for r in runs for c in r.clips] == clips
+    assert all(r.gray is None for r in runs)
+    assert [len(r.clips) for r in stored_runs(clips, ClipSpec(8, 8))] == [1] * 16
