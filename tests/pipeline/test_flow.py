@@ -23,7 +23,11 @@ from quovadis.pipeline.flow import (
     FlowConfig,
     FlowPredictor,
     _level_sizes,
+    _EAGER,
+    _compiled_kernels,
+    _cubic_taps,
     _median_blur,
+    _median_step_opencv,
     _remap_cubic,
     _resize_linear,
     compute_flow,
@@ -145,17 +149,37 @@ def test_median_is_cv_median_blur(k):
             np.testing.assert_array_equal(ours[b, c], cv2.medianBlur(u[b, c], k))
 
 
-def test_warp_is_cv_remap_cubic():
+@pytest.mark.parametrize("kernels", ["eager", pytest.param("fast", marks=needs_compiler)])
+def test_warp_is_cv_remap_cubic(kernels):
     rng = np.random.default_rng(1)
-    img = rng.uniform(0, 255, (1, 1, 41, 57)).astype(np.float32)
-    u = rng.uniform(-4, 4, (1, 2, 41, 57)).astype(np.float32)
+    img = rng.uniform(0, 255, (2, 3, 41, 57)).astype(np.float32)
+    u = rng.uniform(-4, 4, (2, 2, 41, 57)).astype(np.float32)
     u[:, :, :8] = np.round(u[:, :, :8])  # integer positions must give the pixel exactly
-    ours = _remap_cubic(torch.from_numpy(img), torch.from_numpy(u))[0, 0].numpy()
-    xs = (np.arange(57)[None, :] + u[0, 0]).astype(np.float32)
-    ys = (np.arange(41)[:, None] + u[0, 1]).astype(np.float32)
-    ref = cv2.remap(img[0, 0], xs, ys, cv2.INTER_CUBIC)  # default border: constant 0
-    np.testing.assert_allclose(ours, ref, atol=1e-3)
-    np.testing.assert_array_equal(ours[:8], ref[:8])
+    u[:, :, -4:] *= 5  # far outside the image: 0
+    chosen = _EAGER if kernels == "eager" else _compiled_kernels("cpu")
+    ours = _remap_cubic(_cubic_taps(torch.from_numpy(img)), img.shape, torch.from_numpy(u), chosen).numpy()
+    for b in range(2):
+        xs = (np.arange(57)[None, :] + u[b, 0]).astype(np.float32)
+        ys = (np.arange(41)[:, None] + u[b, 1]).astype(np.float32)
+        for c in range(3):
+            ref = cv2.remap(img[b, c], xs, ys, cv2.INTER_CUBIC)  # default border: constant 0
+            np.testing.assert_allclose(ours[b, c], ref, atol=1e-3)
+            np.testing.assert_array_equal(ours[b, c, :8], ref[:8])
+    assert (ours[:, :, -4:] == 0).mean() > 0.5  # the far taps read the zero frame
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_cpu_median_step_is_our_network(k):
+    # on the CPU the median is cv::medianBlur; elsewhere our network: the two must agree exactly,
+    # and a pair that has stopped keeps its field
+    rng = np.random.default_rng(k)
+    u = torch.from_numpy(rng.normal(size=(3, 3, 29, 41)).astype(np.float32))
+    active = torch.tensor([True, False, True])
+    got = _median_step_opencv(u, active, k)
+    for b in (0, 2):
+        torch.testing.assert_close(got[b, :2], _median_blur(u[b : b + 1, :2], k)[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], u[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 2], u[:, 2], rtol=0, atol=0)  # the illumination channel is not filtered
 
 
 def test_pyramid_is_cv_resize():
