@@ -65,9 +65,9 @@ class FlowConfig:
     batch_pairs: frame pairs solved at once by `compute_flow` / `FlowPredictor`; None: 32 on CUDA,
         1 on the CPU (a batch iterates until its slowest pair stops, so on the CPU batching costs
         time: measured 0.23 CPU s per 256x340 pair one at a time, 0.50 in batches of 16).
-    cpu_threads: torch threads `FlowPredictor` sets for its process (a Ray actor owns its process);
-        None leaves torch's default. On a shared machine 1 is often fastest: OpenMP threads wait on
-        each other when the cores are busy.
+    cpu_threads: torch and OpenCV threads `FlowPredictor` sets for its process (a Ray actor owns
+        its process); None leaves their defaults. On a shared machine 1 is often fastest: OpenMP
+        threads wait on each other when the cores are busy.
     """
 
     tau: float = 0.25
@@ -642,8 +642,11 @@ class FlowPredictor:
     def __init__(self, cfg: FlowConfig = FlowConfig()) -> None:
         device = resolve_device(cfg) if cfg.backend == "torch" else torch.device("cpu")
         self.cfg = dataclasses.replace(cfg, device=str(device))
-        if cfg.backend == "torch" and device.type == "cpu" and cfg.cpu_threads is not None:
+        if device.type == "cpu" and cfg.cpu_threads is not None:
+            import cv2  # the opencv backend, and the torch backend's median on the CPU
+
             torch.set_num_threads(cfg.cpu_threads)
+            cv2.setNumThreads(cfg.cpu_threads)
         log.info("flow: backend %s on %s (fast=%s)", cfg.backend, device, cfg.fast)
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:

@@ -317,6 +317,19 @@ def test_real_video_frames_match_opencv():
         assert endpoint_error(ours[t], ref[t]) < MAX_MEAN_DISTANCE_TO_OPENCV
 
 
+def test_flow_predictor_sets_torch_and_opencv_threads():
+    # a CPU flow actor holds one core: OpenCV (the median, the opencv backend) must not use the others
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        FlowPredictor(dataclasses.replace(EAGER, cpu_threads=2))
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (2, 2)
+        FlowPredictor(dataclasses.replace(EAGER, backend="opencv", cpu_threads=1))
+        assert (torch.get_num_threads(), cv2.getNumThreads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
+
+
 def test_flow_predictor_on_rgb_frames():
     rgb = np.stack([np.repeat(np.round(textured(48, 64, shift=(t * 0.8, 0))).astype(np.uint8)[..., None], 3, -1) for t in range(4)])
     predictor = FlowPredictor(dataclasses.replace(EAGER, batch_pairs=2))
