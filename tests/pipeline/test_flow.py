@@ -30,6 +30,7 @@ from quovadis.pipeline.flow import (
     _median_step_opencv,
     _remap_cubic,
     _resize_linear,
+    _tvl1_step,
     compute_flow,
     tvl1,
     tvl1_opencv,
@@ -166,6 +167,31 @@ def test_warp_is_cv_remap_cubic(kernels):
             np.testing.assert_allclose(ours[b, c], ref, atol=1e-3)
             np.testing.assert_array_equal(ours[b, c, :8], ref[:8])
     assert (ours[:, :, -4:] == 0).mean() > 0.5  # the far taps read the zero frame
+
+
+@pytest.mark.parametrize("kernels", ["eager", pytest.param("fast", marks=needs_compiler)])
+def test_steps_per_call_equal_single_steps_and_freeze_a_stopped_pair(kernels):
+    rng = np.random.default_rng(3)
+    b, h, w = 2, 23, 31
+    u, direction = (torch.from_numpy(rng.normal(size=(b, 2, h, w)).astype(np.float32)) for _ in range(2))
+    p = torch.from_numpy(rng.normal(size=(b, 2, 2, h, w)).astype(np.float32)) * 0.1
+    inv_grad = 1 / (direction.square().sum(1, keepdim=True) + 0.1)
+    rho_c = torch.from_numpy(rng.normal(size=(b, 1, h, w)).astype(np.float32))
+    scalars = (0.045, 0.3, 0.8333333)
+    everyone = torch.ones(b, dtype=torch.bool)
+    one = _tvl1_step(u, p, everyone, direction, inv_grad, rho_c, torch.zeros(1), *scalars)
+    err = (one[0] - u).square().sum(dim=(1, 2, 3))
+    eps = err.mean().reshape(1)  # between the two pairs' first changes: one pair stops after one iteration
+    assert (err > eps).tolist().count(True) == 1
+    first = _tvl1_step(u, p, everyone, direction, inv_grad, rho_c, eps, *scalars)
+    second = _tvl1_step(*first, direction, inv_grad, rho_c, eps, *scalars)
+    chosen = _EAGER if kernels == "eager" else _compiled_kernels("cpu")
+    got = chosen.step(2, u, p, everyone, direction, inv_grad, rho_c, eps, *scalars)
+    for ours, ref in zip(got, second):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    stopped = int(torch.argmin(err))
+    torch.testing.assert_close(got[0][stopped], first[0][stopped], rtol=0, atol=0)  # frozen after its first
+    assert not got[2][stopped] and bool(got[2][1 - stopped]) == bool(second[2][1 - stopped])
 
 
 @pytest.mark.parametrize("k", [3, 5])
