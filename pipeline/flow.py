@@ -10,9 +10,10 @@ We follow OpenCV's numerics so that the two give the same field:
   size rounded), no blur; it stops before a side would drop below 16 px;
 - per level: centred gradient of I1 (one-sided, halved, at the borders); per warp, I1 and its
   gradient sampled at x + u by bicubic interpolation (A = -0.75, taps outside the image read 0);
-- per outer iteration a 5x5 median of (u1, u2) (replicated border), then inner iterations of the
-  thresholding step, u = v + theta div p, and the dual step p = (p + tau/theta grad u) /
-  (1 + tau/theta |grad u|); the dual variables restart at 0 on each level;
+- per outer iteration a 5x5 median of (u1, u2) (replicated border; on the CPU cv::medianBlur
+  itself), then inner iterations of the thresholding step, u = v + theta div p, and the dual step
+  p = (p + tau/theta grad u) / (1 + tau/theta |grad u|); the dual variables restart at 0 on each
+  level;
 - a pair stops iterating within a warp once sum |u_new - u|^2 <= epsilon^2 * area; pairs of a batch
   stop independently (their values freeze), so a batch gives the field each pair gets alone;
 - the flow is upsampled bilinearly to the next level and multiplied by 1 / scale_step.
@@ -49,7 +50,7 @@ _MIN_LEVEL_SIDE = 16  # OpenCV stops the pyramid before a side gets smaller than
 _FLT_EPSILON = float(np.finfo(np.float32).eps)  # OpenCV's "gradient is zero" test in the threshold step
 _CUBIC_A = -0.75  # cv::remap INTER_CUBIC kernel parameter
 _CUDA_BATCH_PAIRS = 32  # default pairs per batch on CUDA (FlowConfig.batch_pairs None)
-_CPU_STEPS_PER_CALL = 2  # inner iterations per step call off the CUDA graphs (_tvl1_steps)
+_STEPS_PER_CALL = 2  # inner iterations per step call outside CUDA graphs (_tvl1_steps)
 _HUGE = 1e30  # 1 / |grad|^2 where |grad|^2 <= _FLT_EPSILON: the threshold step then saturates at +-l_t
 
 
@@ -298,8 +299,8 @@ def _cubic_taps(img: torch.Tensor) -> torch.Tensor:
 
 def _tap_positions(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where x + u falls in the tap table: the rows of its 4 tap rows (4 * B * H * W,), and the
-    cubic weights (B, H, W, 4) along x and along y. A position more than 2 pixels outside the
-    image is clamped to 3: its taps then all read the zero frame, whatever its weights."""
+    cubic weights (B, H, W, 4) along x and along y. floor(x) is clamped to [-3, W + 1] (and y
+    likewise): beyond, every tap is outside the image, and the clamped window reads only zeros."""
     b, _, h, w = u.shape
     hp, wp = h + 2 * _TAP_FRAME, w + 2 * _TAP_FRAME
     xs = torch.arange(w, device=u.device, dtype=torch.float32).view(1, 1, w) + u[:, 0]  # (B, H, W)
@@ -492,7 +493,7 @@ def _scalars(cfg: FlowConfig) -> tuple[float, float, float]:
 def _one_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, cfg: FlowConfig, kernels: _Kernels) -> tuple[torch.Tensor, int]:
     """Warps and iterations at one pyramid level; i0, i1 (B, 1, H, W), u (B, C, H, W). Returns u and
     the number of inner iterations the slowest pair ran in its slowest warp (counted in whole
-    calls of the step, so up to _CPU_STEPS_PER_CALL - 1 more on the CPU)."""
+    calls of the step, so up to _STEPS_PER_CALL - 1 more outside CUDA graphs)."""
     b, c, h, w = u.shape
     device = u.device
     l_t, theta, taut = _scalars(cfg)
@@ -535,7 +536,7 @@ def _one_scale(i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, cfg: FlowCon
                     u = kernels.median(u, active, cfg.median_filtering)
                 done = 0
                 while done < cfg.inner_iterations:
-                    n = min(_CPU_STEPS_PER_CALL, cfg.inner_iterations - done)
+                    n = min(_STEPS_PER_CALL, cfg.inner_iterations - done)
                     u, p, active = kernels.step(n, u, p, active, direction, inv_grad, rho_c, eps, l_t, theta, taut)
                     done += n
                     if check_each and not bool(active.any()):
