@@ -429,9 +429,9 @@ _EAGER = _Kernels(_tvl1_steps, _median_step, _tap_positions, _sum_taps, compiled
 def _compiled_kernels(device_type: str) -> _Kernels:
     """torch.compile of the step, of the warp's arithmetic and, off the CPU, of the median (its
     min/max network becomes one loop), with dynamic shapes, so that one compilation serves every
-    pyramid level and batch size. On the CPU the median is OpenCV's (`_median_step_opencv`)."""
+    pyramid level and batch size."""
     compiled = functools.partial(torch.compile, dynamic=True)
-    median = _median_step_opencv if device_type == "cpu" else compiled(_median_step)
+    median = _median_step if device_type == "cpu" else compiled(_median_step)  # CPU: OpenCV's, nothing to compile
     return _Kernels(compiled(_tvl1_steps), median, compiled(_tap_positions), compiled(_sum_taps), compiled=True)
 
 

@@ -61,6 +61,11 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+def cpu_kernels(name: str):
+    """The eager or the compiled ("fast") kernels of the CPU path."""
+    return _EAGER if name == "eager" else _compiled_kernels("cpu")
+
+
 def hw2(flow_b2hw: np.ndarray | torch.Tensor) -> np.ndarray:
     """(2, H, W) -> (H, W, 2) numpy."""
     return np.asarray(flow_b2hw).transpose(1, 2, 0)
@@ -157,8 +162,7 @@ def test_warp_is_cv_remap_cubic(kernels):
     u = rng.uniform(-4, 4, (2, 2, 41, 57)).astype(np.float32)
     u[:, :, :8] = np.round(u[:, :, :8])  # integer positions must give the pixel exactly
     u[:, :, -4:] *= 5  # far outside the image: 0
-    chosen = _EAGER if kernels == "eager" else _compiled_kernels("cpu")
-    ours = _remap_cubic(_cubic_taps(torch.from_numpy(img)), img.shape, torch.from_numpy(u), chosen).numpy()
+    ours = _remap_cubic(_cubic_taps(torch.from_numpy(img)), img.shape, torch.from_numpy(u), cpu_kernels(kernels)).numpy()
     for b in range(2):
         xs = (np.arange(57)[None, :] + u[b, 0]).astype(np.float32)
         ys = (np.arange(41)[:, None] + u[b, 1]).astype(np.float32)
@@ -185,8 +189,7 @@ def test_steps_per_call_equal_single_steps_and_freeze_a_stopped_pair(kernels):
     assert (err > eps).tolist().count(True) == 1
     first = _tvl1_step(u, p, everyone, direction, inv_grad, rho_c, eps, *scalars)
     second = _tvl1_step(*first, direction, inv_grad, rho_c, eps, *scalars)
-    chosen = _EAGER if kernels == "eager" else _compiled_kernels("cpu")
-    got = chosen.step(2, u, p, everyone, direction, inv_grad, rho_c, eps, *scalars)
+    got = cpu_kernels(kernels).step(2, u, p, everyone, direction, inv_grad, rho_c, eps, *scalars)
     for ours, ref in zip(got, second):
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     stopped = int(torch.argmin(err))
