@@ -202,6 +202,8 @@ def extract(inputs: list[str], cfg: ExtractConfig, *, ignored: list[dict[str, st
             with Progress("extract") as progress:
                 sink = _FeatureSink(cfg, out, report, attrs, labels, progress)
                 rows = [graph.row(p, graph.STORED, **s) for p, s in stored]
+                for p, s in stored:  # the stored frame count; its real duration replaces it when done
+                    progress.expect(p, s["frames"] / cfg.decode.fps)
                 if todo and cfg.keep_shards:  # decoded into OUT/shards first, then read as stored videos
                     rows += _preprocess_kept(cfg, out, todo, sink, progress)
                 else:
@@ -366,7 +368,7 @@ class _FeatureSink:
                     log.warning("%s: %s", path, warning)
             if video.segments is None:
                 video.segments, video.attrs = p["segments"], p["attrs"]
-                self.progress.expect(path, p["attrs"]["duration"])  # stored videos: not planned
+                self.progress.expect(path, p["attrs"]["duration"])  # if its planned row has not come yet
             if len(video.ends) == video.segments and not self._settle(video):
                 return
         elif kind == graph.FEATURES:

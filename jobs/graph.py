@@ -3,10 +3,11 @@
 
 extract (`build`), frames never written to disk:
 
-    input rows --plan (probe, segments; CPU tasks)--> a planned row (probed duration) + segment rows
+    input rows --plan (probe, segments; CPU tasks)--> segment rows
                --decode (pipeline.clips; CPU tasks)--> clip rows (a run of clips: uint8 RGB, grey frames) + end rows
                --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow (once per run)
                --I3D (actor pool: one per GPU, or one CPU actor; model loaded once)--> feature rows
+    + input rows --announce (probe; CPU tasks)--> a planned row (probed duration) per video, for the progress bar
 
 preprocess (`build_preprocess`):
 
@@ -14,6 +15,7 @@ preprocess (`build_preprocess`):
                --decode (pipeline.pieces; CPU tasks)--> chunk rows (uint8 RGB, grey frames) + end rows
                --flow (the same actor pool)--> chunks with flow (quantised as stored)
                --write (tasks on the workers, _PIECE_CHUNKS chunks per piece file)--> written rows
+    + the same announce branch
 
 Stored videos are read in the decode stage (`dataset.read_clip`, as training reads them) and skip
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
@@ -86,9 +88,9 @@ def _node() -> str:
 
 
 def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -> Iterator[dict[str, Any]]:
-    """A video row -> a planned row (its probe, size and probed duration, for the driver) and its
-    segment rows, or one failed row; other rows pass. `spec`: extract's clips (their crop box is
-    checked here), None for preprocess."""
+    """A video row -> its segment rows, or one failed row; other rows pass. `spec`: extract's clips
+    (their crop box is checked here), None for preprocess, whose segments follow a planned row
+    (the probe and size, stored with the video)."""
     if r["kind"] != VIDEO:
         yield r
         return
@@ -105,9 +107,26 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -
     attrs = {"short_side": decode.short_side, "height": height, "width": width, "fps": decode.fps,
              "duration": info.duration or 0.0}  # fmt: skip
     segments = plan_segments(info, decode)
-    yield row(path, PLANNED, duration=attrs["duration"], info=info.to_dict(), height=height, width=width)
+    if spec is None:  # preprocess stores the probe with the video
+        yield _planned_row(path, info, decode)
     for seg in segments:
         yield row(path, SEGMENT, seg.index, info=info, seg=seg, segments=len(segments), box=box, attrs=attrs)
+
+
+def _planned_row(path: str, info, decode: DecodeConfig) -> dict[str, Any]:
+    height, width = output_size(info, decode)
+    return row(path, PLANNED, duration=info.duration or 0.0, info=info.to_dict(), height=height, width=width)
+
+
+def announce_video(r: dict[str, Any], decode: DecodeConfig) -> Iterator[dict[str, Any]]:
+    """The announce branch: a video row -> its planned row, which goes straight to the driver (the
+    progress bar's total); nothing when the probe fails, as the plan stage fails the video itself."""
+    from quovadis.pipeline.probe import probe
+
+    try:
+        yield _planned_row(r["path"], probe(r["path"]), decode)
+    except QuovadisError:
+        return
 
 
 def decode_clips(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Iterator[dict[str, Any]]:
@@ -334,6 +353,20 @@ def _planned(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec 
     return ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
 
 
+def _announced(ds, inputs: list[dict[str, Any]], decode: DecodeConfig):
+    """`ds` and a planned row of each video (the announce branch): the rows of `ds` reach the
+    driver only through the batches of the stages after decode (the README's one-video extract
+    showed no total for 53 s), these straight from the probe. Each video is probed twice for it:
+    ffmpeg reads its header and first frame (0.02-0.25 s)."""
+    import ray.data
+
+    videos = [r for r in inputs if r["kind"] == VIDEO]
+    if not videos:
+        return ds
+    probes = ray.data.from_items(videos, override_num_blocks=max(1, min(len(videos), _MAX_INPUT_BLOCKS)))
+    return ds.union(probes.flat_map(announce_video, fn_kwargs={"decode": decode}, **{**_TASKS, "num_cpus": _PLAN_CPUS}))
+
+
 def _with_flow(ds, resources: StageResources, flow_dtype: str):
     import ray.data
 
@@ -359,13 +392,14 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
         if "flow" in spec.streams and resources.flow_actor_options:
             ds = _with_flow(ds, resources, flow_dtype)
         i3d_options = dict(resources.i3d_options)
-        return ds.map_batches(
+        ds = ds.map_batches(
             I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores, "batch_size": batch_size},
             # runs of clips per call: batch_size clips when runs are full
             batch_size=max(1, batch_size // spec.run_clips), compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
             num_cpus=i3d_options.pop("num_cpus", None), num_gpus=i3d_options.pop("num_gpus", None),
             **_ACTORS, **i3d_options,
         )  # fmt: skip
+        return _announced(ds, inputs, decode)
 
 
 def build_preprocess(inputs: list[dict[str, Any]], decode: DecodeConfig, shard_dir: str, shards, resources: StageResources):
@@ -383,8 +417,9 @@ def build_preprocess(inputs: list[dict[str, Any]], decode: DecodeConfig, shard_d
             ds = _with_flow(ds, resources, shards.flow_dtype)
         # no CPU slot: a write waits on the disk, and a decode paused by backpressure must never
         # hold the CPU the write of its output needs
-        return ds.map_batches(
+        ds = ds.map_batches(
             write_pieces, batch_size=_PIECE_CHUNKS, num_cpus=0, max_retries=TASK_RETRIES,
             fn_kwargs={"shard_dir": shard_dir, "compression": compression_options(shards.compression),
                        "chunk_frames": shards.chunk_frames},
         )  # fmt: skip
+        return _announced(ds, inputs, decode)
