@@ -308,6 +308,7 @@ def _run(cfg: ExtractConfig, pcfg: PredictorConfig, rows: list[dict], sink: _Fea
     decode = dataclasses.replace(cfg.decode, segment_frames=clip_segment_frames(cfg.decode.segment_frames, cfg.stride))
     resources = extract_stages(cfg.streams, cfg.flow)
     ds = graph.build(rows, decode, spec, cfg.shards.flow_dtype, pcfg, resources, cfg.batch_size)
+    sink.progress.expect_from(graph.probed_durations(rows, decode))
     try:
         for r in ds.iter_rows():
             sink.take(r)
@@ -355,9 +356,6 @@ class _FeatureSink:
         if kind == graph.FAILED:
             self.fail(path, p["reason"])
             return
-        if kind == graph.PLANNED:
-            self.progress.expect(path, p["duration"])
-            return
         video = self.videos.setdefault(path, _Video(path))
         if kind == graph.END:
             end: SegmentEnd = p["end"]
@@ -368,7 +366,7 @@ class _FeatureSink:
                     log.warning("%s: %s", path, warning)
             if video.segments is None:
                 video.segments, video.attrs = p["segments"], p["attrs"]
-                self.progress.expect(path, p["attrs"]["duration"])  # if its planned row has not come yet
+                self.progress.expect(path, p["attrs"]["duration"])  # if its probed duration has not come yet
             if len(video.ends) == video.segments and not self._settle(video):
                 return
         elif kind == graph.FEATURES:

@@ -7,7 +7,6 @@ extract (`build`), frames never written to disk:
                --decode (pipeline.clips; CPU tasks)--> clip rows (a run of clips: uint8 RGB, grey frames) + end rows
                --flow (actor pool: one per GPU, or CPU actors over every core)--> clips with flow (once per run)
                --I3D (actor pool: one per GPU, or one CPU actor; model loaded once)--> feature rows
-    + input rows --announce (probe; CPU tasks)--> a planned row (probed duration) per video, for the progress bar
 
 preprocess (`build_preprocess`):
 
@@ -15,7 +14,10 @@ preprocess (`build_preprocess`):
                --decode (pipeline.pieces; CPU tasks)--> chunk rows (uint8 RGB, grey frames) + end rows
                --flow (the same actor pool)--> chunks with flow (quantised as stored)
                --write (tasks on the workers, _PIECE_CHUNKS chunks per piece file)--> written rows
-    + the same announce branch
+
+and beside either (`probed_durations`), iterated by a driver thread for the progress bar's total:
+
+    input rows --probe (CPU tasks)--> a planned row (probed duration) per video
 
 Stored videos are read in the decode stage (`dataset.read_clip`, as training reads them) and skip
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
@@ -34,6 +36,7 @@ CPUs and GPUs is decided in jobs/resources.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import time
@@ -119,8 +122,8 @@ def _planned_row(path: str, info, decode: DecodeConfig) -> dict[str, Any]:
 
 
 def announce_video(r: dict[str, Any], decode: DecodeConfig) -> Iterator[dict[str, Any]]:
-    """The announce branch: a video row -> its planned row, which goes straight to the driver (the
-    progress bar's total); nothing when the probe fails, as the plan stage fails the video itself."""
+    """`probed_durations`'s stage: a video row -> its planned row; nothing when the probe fails, as the
+    plan stage fails the video itself."""
     from quovadis.pipeline.probe import probe
 
     try:
@@ -340,6 +343,14 @@ _TASKS = {"num_cpus": 1, "max_retries": TASK_RETRIES}
 _ACTORS = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
 
 
+@contextlib.contextmanager
+def _remote_args_quiet() -> Iterator[None]:
+    """Ray 2.60's warning that `_TASKS`' and `_ACTORS`' retries given as remote args are deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        yield
+
+
 def _planned(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec | None):
     """The dataset of `inputs` through the plan stage, one row per block."""
     import ray.data
@@ -353,18 +364,22 @@ def _planned(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec 
     return ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
 
 
-def _announced(ds, inputs: list[dict[str, Any]], decode: DecodeConfig):
-    """`ds` and a planned row of each video (the announce branch): the rows of `ds` reach the
-    driver only through the batches of the stages after decode (the README's one-video extract
-    showed no total for 53 s), these straight from the probe. Each video is probed twice for it:
-    ffmpeg reads its header and first frame (0.02-0.25 s)."""
+def probed_durations(inputs: list[dict[str, Any]], decode: DecodeConfig) -> Iterator[tuple[str, float]]:
+    """(path, probed seconds) of each video of `inputs` as the announce dataset probes them, for the
+    progress bar's total (`Progress.expect_from` iterates it beside the graph). The graph's own rows
+    reach the driver only through the batches of its last stage (a one-video extract showed no
+    total for 53 s). Each video is probed twice for it: ffmpeg reads its header and first frame
+    (0.02-0.25 s)."""
     import ray.data
 
     videos = [r for r in inputs if r["kind"] == VIDEO]
     if not videos:
-        return ds
-    probes = ray.data.from_items(videos, override_num_blocks=max(1, min(len(videos), _MAX_INPUT_BLOCKS)))
-    return ds.union(probes.flat_map(announce_video, fn_kwargs={"decode": decode}, **{**_TASKS, "num_cpus": _PLAN_CPUS}))
+        return
+    ds = ray.data.from_items(videos, override_num_blocks=max(1, min(len(videos), _MAX_INPUT_BLOCKS)))
+    with _remote_args_quiet():
+        ds = ds.flat_map(announce_video, fn_kwargs={"decode": decode}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
+    for r in ds.iter_rows():
+        yield r["path"], payload(r)["duration"]
 
 
 def _with_flow(ds, resources: StageResources, flow_dtype: str):
@@ -385,21 +400,19 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
     (FEATURES, END, FAILED). Lazy: it runs as the caller iterates it."""
     import ray.data
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+    with _remote_args_quiet():
         ds = _planned(inputs, decode, spec)
         ds = ds.flat_map(decode_clips, fn_kwargs={"decode": decode, "spec": spec}, **_TASKS)
         if "flow" in spec.streams and resources.flow_actor_options:
             ds = _with_flow(ds, resources, flow_dtype)
         i3d_options = dict(resources.i3d_options)
-        ds = ds.map_batches(
+        return ds.map_batches(
             I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores, "batch_size": batch_size},
             # runs of clips per call: batch_size clips when runs are full
             batch_size=max(1, batch_size // spec.run_clips), compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
             num_cpus=i3d_options.pop("num_cpus", None), num_gpus=i3d_options.pop("num_gpus", None),
             **_ACTORS, **i3d_options,
         )  # fmt: skip
-        return _announced(ds, inputs, decode)
 
 
 def build_preprocess(inputs: list[dict[str, Any]], decode: DecodeConfig, shard_dir: str, shards, resources: StageResources):
@@ -409,17 +422,15 @@ def build_preprocess(inputs: list[dict[str, Any]], decode: DecodeConfig, shard_d
     from quovadis.pipeline.shards import compression_options
 
     flow = bool(resources.flow_actor_options)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+    with _remote_args_quiet():
         ds = _planned(inputs, decode, None)
         ds = ds.flat_map(decode_chunks, fn_kwargs={"decode": decode, "flow": flow}, **_TASKS)
         if flow:
             ds = _with_flow(ds, resources, shards.flow_dtype)
         # no CPU slot: a write waits on the disk, and a decode paused by backpressure must never
         # hold the CPU the write of its output needs
-        ds = ds.map_batches(
+        return ds.map_batches(
             write_pieces, batch_size=_PIECE_CHUNKS, num_cpus=0, max_retries=TASK_RETRIES,
             fn_kwargs={"shard_dir": shard_dir, "compression": compression_options(shards.compression),
                        "chunk_frames": shards.chunk_frames},
         )  # fmt: skip
-        return _announced(ds, inputs, decode)

@@ -170,6 +170,7 @@ class _ShardSink:
         resources = preprocess_stages(self.cfg.streams, self.cfg.flow)
         rows = [graph.row(p, graph.VIDEO) for p in todo]
         ds = graph.build_preprocess(rows, self.cfg.decode, str(self.out), self.cfg.shards, resources)
+        self.progress.expect_from(graph.probed_durations(rows, self.cfg.decode))
         try:
             for r in ds.iter_rows():
                 self.take(r)

@@ -1,5 +1,7 @@
 """One progress bar per job, as a person watches it: video-seconds done against the total known
 from probing, with the rate (video-seconds per wall-second, i.e. times real time) and an ETA.
+The totals can come from a thread (`expect_from`: probes beside the job's graph), and the bar is
+redrawn every second, so its clock moves while the first parts are still on their way.
 
 While the bar is open, log records print above it (tqdm's logging redirect) instead of breaking
 it, and so does what other code writes to the terminal's stderr descriptor directly: Ray's C++ core
@@ -14,25 +16,35 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterable
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 _DRAIN_S = 5.0  # at the end, how long the lines still in the pipe may take to print
+_TICK_S = 1.0  # the bar is redrawn at least this often, so its clock moves while no part is done
+_EXPECT_JOIN_S = 1.0  # at the end, how long the thread of `expect_from` may take to see it is over
+
+log = logging.getLogger(__name__)
 
 
 class Progress(contextlib.AbstractContextManager):
     """Inputs are announced with their expected seconds (`expect`), advanced as parts of them are
     done (`advance`, never past what is expected) and finished with their real seconds (`done`);
     an input that fails counts as done with what was expected of it. `disable`: tqdm's (None: off
-    where stderr is not a terminal)."""
+    where stderr is not a terminal). Thread-safe: `expect_from` calls `expect` from its thread."""
 
     def __init__(self, desc: str, disable: bool | None = None) -> None:
         self.desc = desc
         self.disable = disable
         self.expected: dict[str, float] = {}
         self.advanced: dict[str, float] = {}
+        self.finished: set[str] = set()
         self.failed = 0
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._expecting: list[threading.Thread] = []
+        self._ticking: threading.Thread | None = None
         self._bar: tqdm | None = None
         self._redirect: contextlib.AbstractContextManager | None = None
         self._stderr: _StderrAboveBar | None = None
@@ -45,9 +57,24 @@ class Progress(contextlib.AbstractContextManager):
                          file=self._stderr.terminal if self._stderr else sys.stderr,
                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} video-s "
                                     "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")  # fmt: skip
+        if not self._bar.disable:
+            self._ticking = threading.Thread(target=self._tick, name="progress-tick", daemon=True)
+            self._ticking.start()
         return self
 
+    def _tick(self) -> None:
+        """Redraw the bar every _TICK_S: a job's first parts can take minutes (model starts,
+        torch.compile, a batch of I3D), and a bar whose clock stands still looks hung."""
+        while not self._closing.wait(_TICK_S):
+            with self._lock:
+                self._bar.refresh()
+
     def __exit__(self, *exc) -> None:
+        self._closing.set()
+        for thread in self._expecting:
+            thread.join(_EXPECT_JOIN_S)  # else it ends at its next row, as a daemon
+        if self._ticking is not None:
+            self._ticking.join()
         if self._stderr is not None:
             self._stderr.stop()  # its last lines print above the bar while the bar is still there to clear
         if self._bar is not None:
@@ -58,34 +85,61 @@ class Progress(contextlib.AbstractContextManager):
             self._redirect.__exit__(*exc)
 
     def expect(self, path: str, seconds: float | None) -> None:
-        """`path` will take about `seconds` of video (None: unknown until it is done)."""
-        if path in self.expected:
-            return
-        self.expected[path] = float(seconds or 0.0)
-        if self._bar is not None:
-            self._bar.total += self.expected[path]
-            self._bar.refresh()
+        """`path` will take about `seconds` of video (None: unknown until it is done); ignored
+        once it is expected or done."""
+        with self._lock:
+            if path in self.expected or path in self.finished:
+                return
+            self.expected[path] = float(seconds or 0.0)
+            if self._bar is not None:
+                self._bar.total += self.expected[path]
+                self._bar.refresh()
+
+    def expect_from(self, expected: Iterable[tuple[str, float | None]]) -> None:
+        """`expect` each (path, seconds) of `expected`, in a thread, while the job goes on: e.g.
+        the rows of a dataset of probes, which arrive as they are made. An error there only
+        leaves the totals to the job's own `expect` calls (logged)."""
+
+        def run() -> None:
+            try:
+                for path, seconds in expected:
+                    if self._closing.is_set():
+                        break
+                    self.expect(path, seconds)
+            except Exception as e:  # e.g. the cluster went away: the job itself says so
+                log.warning("progress: the probed totals stopped coming (%s); totals now come as videos end", e)
+            finally:
+                close = getattr(expected, "close", None)
+                if close is not None:
+                    close()
+
+        thread = threading.Thread(target=run, name="progress-expect", daemon=True)
+        self._expecting.append(thread)
+        thread.start()
 
     def advance(self, path: str, seconds: float) -> None:
         """`seconds` more of `path` are done (ignored until it is expected)."""
-        if path not in self.expected:
-            return
-        before = self.advanced.get(path, 0.0)
-        self.advanced[path] = min(self.expected[path], before + seconds)
-        if self._bar is not None:
-            self._bar.update(self.advanced[path] - before)
+        with self._lock:
+            if path not in self.expected:
+                return
+            before = self.advanced.get(path, 0.0)
+            self.advanced[path] = min(self.expected[path], before + seconds)
+            if self._bar is not None:
+                self._bar.update(self.advanced[path] - before)
 
     def done(self, path: str, seconds: float | None = None, *, failed: bool = False) -> None:
         """`path` is finished: `seconds` of video (None: as expected)."""
-        expected = self.expected.pop(path, 0.0)
-        advanced = self.advanced.pop(path, 0.0)
-        real = expected if seconds is None else float(seconds)
-        self.failed += failed
-        if self._bar is not None:
-            self._bar.total += real - expected
-            if failed:
-                self._bar.set_postfix(failed=self.failed, refresh=False)
-            self._bar.update(real - advanced)
+        with self._lock:
+            self.finished.add(path)
+            expected = self.expected.pop(path, 0.0)
+            advanced = self.advanced.pop(path, 0.0)
+            real = expected if seconds is None else float(seconds)
+            self.failed += failed
+            if self._bar is not None:
+                self._bar.total += real - expected
+                if failed:
+                    self._bar.set_postfix(failed=self.failed, refresh=False)
+                self._bar.update(real - advanced)
 
 
 class _StderrAboveBar:

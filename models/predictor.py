@@ -33,7 +33,6 @@ from quovadis.pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class PredictorConfig:
     """What the predictor loads and how it runs. Weights are resolved paths (models.weights.resolve_weights)."""

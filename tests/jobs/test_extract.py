@@ -246,23 +246,21 @@ def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path)
 
 
 class _Seen:
-    """What the driver's sink took (kind, and whether the row came out of the I3D stage, which
-    stamps its rows' busy seconds) and what it told the progress bar, in order."""
+    """In order: the rows the driver's sink took and what the progress bar was told."""
 
     def __init__(self, monkeypatch) -> None:
         from quovadis.jobs import extract as job
 
-        self.rows: list[tuple[str, str, bool]] = []  # (path, kind, through I3D)
-        self.bar: list[tuple[str, str]] = []  # (call, path)
+        self.events: list[tuple[str, str]] = []  # (what, path): "take" or a Progress call
         take, expect, advance = job._FeatureSink.take, job.Progress.expect, job.Progress.advance
 
         def spy_take(sink, r):
-            self.rows.append((r["path"], r["kind"], "busy_s" in r))
+            self.events.append(("take", r["path"]))
             take(sink, r)
 
         def spy(name, method):
             def call(progress, path, *args):
-                self.bar.append((name, path))
+                self.events.append((name, path))
                 method(progress, path, *args)
 
             return call
@@ -271,30 +269,27 @@ class _Seen:
         monkeypatch.setattr(job.Progress, "expect", spy("expect", expect))
         monkeypatch.setattr(job.Progress, "advance", spy("advance", advance))
 
-    def expected_before_any_clip(self, paths) -> bool:
-        first = next(i for i, (call, _) in enumerate(self.bar) if call == "advance")
-        return {p for call, p in self.bar[:first] if call == "expect"} == set(paths)
+    def expected_before(self, what: str) -> set[str]:
+        """The paths expected before the first event `what`."""
+        first = next(i for i, (name, _) in enumerate(self.events) if name == what)
+        return {path for name, path in self.events[:first] if name == "expect"}
 
 
 def test_the_bar_total_is_known_before_any_clip_comes_back(ray_session, tmp_path, monkeypatch):
-    """Each video's probed duration reaches the driver straight from its probe, not held in the
-    batches of the I3D stage (a one-video job showed 0/0 video-s until its end); stored videos
-    are expected from their frame count before the graph starts."""
+    """Each video's probed duration reaches the bar from probes beside the graph, before the first
+    row comes out of the graph (its rows wait in the I3D stage's batches: a one-video job showed
+    0/0 video-s until its end); stored videos are expected from their frame count before the
+    graph starts."""
     (tmp_path / "v").mkdir()
     videos = [str(make_video(tmp_path / "v" / f"{i}.mp4", fps=30, duration=1.2 + 0.4 * i, size=(96, 64))) for i in range(2)]
     common = ["--streams", "rgb", "--clip-len", "8", "--crop-size", "56", "--short-side", "64", "--weights-rgb", _weights("rgb")]
     assert main(["preprocess", *videos, "--out", str(tmp_path / "shards"), "--streams", "rgb", "--short-side", "64"]) == EXIT_OK
     seen = _Seen(monkeypatch)
     assert main(["extract", str(tmp_path / "shards"), "--out", str(tmp_path / "stored"), *common]) == EXIT_OK
-    assert seen.expected_before_any_clip(videos)
+    assert seen.expected_before("take") == set(videos)
     seen = _Seen(monkeypatch)
     assert main(["extract", *videos, "--out", str(tmp_path / "raw"), *common]) == EXIT_OK
-    planned = [(p, through) for p, kind, through in seen.rows if kind == "planned"]
-    assert sorted(planned) == [(p, False) for p in videos]  # one each, and none came through I3D
-    for path in videos:
-        kinds = [kind for p, kind, _ in seen.rows if p == path]
-        assert kinds.index("planned") < kinds.index("features"), kinds
-    assert seen.expected_before_any_clip(videos)
+    assert seen.expected_before("take") == set(videos)
 
 
 def test_shard_directory_input_equals_decoding_the_videos(ray_session, tmp_path):

@@ -96,7 +96,7 @@ with Progress("demo") as progress:
     progress.expect("a.mp4", 4.0)
     progress.advance("a.mp4", 1.0)
     os.write(2, b"written to descriptor 2 by C code\\n")  # as Ray's core worker logs, past Python
-    time.sleep(0.2)
+    time.sleep(2.2)  # nothing done meanwhile: the bar's clock still moves
     progress.advance("a.mp4", 1.0)
     progress.done("a.mp4")
 os.write(2, b"after the bar\\n")
@@ -109,6 +109,28 @@ def test_writes_to_descriptor_2_print_above_the_bar_whole(tmp_path):
     bars = [p for p in parts if "video-s [" in p]
     assert bars and all(_bar("demo").fullmatch(p) for p in bars), bars
     assert re.search(r" 4/4 video-s", bars[-1])
+    clock = {re.search(r"\[(\d\d:\d\d)<", p)[1] for p in bars if " 1/4 video-s" in p}
+    assert {"00:01", "00:02"} <= clock, bars
+
+
+def test_totals_from_a_thread_never_count_a_finished_input_again(caplog):
+    from quovadis.jobs.progress import Progress
+
+    def probed():
+        yield "a.mp4", 2.0  # probed after it was done: ignored
+        yield "b.mp4", 3.0
+        raise RuntimeError("the cluster went away")
+
+    with Progress("extract", disable=False) as progress:
+        bar = progress._bar
+        progress.expect("a.mp4", 2.0)
+        progress.done("a.mp4", 2.5)
+        progress.expect_from(probed())
+        progress._expecting[0].join(10)
+        assert (bar.n, bar.total) == (2.5, 5.5)
+        progress.advance("b.mp4", 1.0)
+        assert bar.n == 3.5
+    assert any("the cluster went away" in r.getMessage() for r in caplog.records)
 
 
 def test_parts_of_a_video_move_the_bar_up_to_what_was_expected():
