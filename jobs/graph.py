@@ -53,6 +53,7 @@ from quovadis.pipeline import conventions
 from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, crop_flow, segment_clips, stored_runs
 from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
+from quovadis.pipeline.probe import VideoInfo, probe
 from quovadis.pipeline.shards import stored_flow
 
 if TYPE_CHECKING:  # a CPU task's worker imports this module: torch is imported by the actors that use it
@@ -97,8 +98,6 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -
     if r["kind"] != VIDEO:
         yield r
         return
-    from quovadis.pipeline.probe import probe
-
     path = r["path"]
     try:
         info = probe(path)
@@ -116,7 +115,7 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -
         yield row(path, SEGMENT, seg.index, info=info, seg=seg, segments=len(segments), box=box, attrs=attrs)
 
 
-def _planned_row(path: str, info, decode: DecodeConfig) -> dict[str, Any]:
+def _planned_row(path: str, info: VideoInfo, decode: DecodeConfig) -> dict[str, Any]:
     height, width = output_size(info, decode)
     return row(path, PLANNED, duration=info.duration or 0.0, info=info.to_dict(), height=height, width=width)
 
@@ -124,8 +123,6 @@ def _planned_row(path: str, info, decode: DecodeConfig) -> dict[str, Any]:
 def announce_video(r: dict[str, Any], decode: DecodeConfig) -> Iterator[dict[str, Any]]:
     """`probed_durations`'s stage: a video row -> its planned row; nothing when the probe fails, as the
     plan stage fails the video itself."""
-    from quovadis.pipeline.probe import probe
-
     try:
         yield _planned_row(r["path"], probe(r["path"]), decode)
     except QuovadisError:
