@@ -23,7 +23,7 @@ Stored videos are read in the decode stage (`dataset.read_clip`, as training rea
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
 segment index) and `payload`, the row's Python objects pickled (protocol 5: arrays are copied
 once, never converted). Rows of other kinds pass through each stage unchanged, so one stream
-carries clips, each video's probed duration, each segment's end (frames decoded, ffmpeg's
+carries clips (or chunks and, in preprocess, each video's probe), each segment's end (frames decoded, ffmpeg's
 warnings, the node) and failures, each failure with its reason: a bad file fails its video once
 and the graph goes on. The driver reads the small output rows and assembles each video's features
 (jobs/extract.py) or adds each finished video to a shard (jobs/preprocess.py).
