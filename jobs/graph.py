@@ -23,9 +23,9 @@ Stored videos are read in the decode stage (`dataset.read_clip`, as training rea
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
 segment index) and `payload`, the row's Python objects pickled (protocol 5: arrays are copied
 once, never converted). Rows of other kinds pass through each stage unchanged, so one stream
-carries clips (or chunks and, in preprocess, each video's probe), each segment's end (frames decoded, ffmpeg's
-warnings, the node) and failures, each failure with its reason: a bad file fails its video once
-and the graph goes on. The driver reads the small output rows and assembles each video's features
+carries clips (preprocess: chunks, and each video's probe), each segment's end (frames decoded,
+ffmpeg's warnings, the node) and failures, each failure with its reason: a bad file fails its
+video once and the graph goes on. The driver reads the small output rows and assembles each video's features
 (jobs/extract.py) or adds each finished video to a shard (jobs/preprocess.py).
 
 Ray Data schedules the stages, bounds what waits between them (backpressure), retries a task whose
