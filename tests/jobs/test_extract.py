@@ -244,30 +244,25 @@ def test_shard_directory_input_skips_decoding_full_frame_crop(rgb_run, tmp_path)
     assert len(sizes) >= 2
 
 
-
 class _Seen:
-    """In order: the rows the driver's sink took and what the progress bar was told."""
+    """In order: the rows the driver's sink took and the inputs the progress bar was told to expect."""
 
     def __init__(self, monkeypatch) -> None:
         from quovadis.jobs import extract as job
 
-        self.events: list[tuple[str, str]] = []  # (what, path): "take" or a Progress call
-        take, expect, advance = job._FeatureSink.take, job.Progress.expect, job.Progress.advance
+        self.events: list[tuple[str, str]] = []  # (what, path): "take" or "expect"
+        take, expect = job._FeatureSink.take, job.Progress.expect
 
         def spy_take(sink, r):
             self.events.append(("take", r["path"]))
             take(sink, r)
 
-        def spy(name, method):
-            def call(progress, path, *args):
-                self.events.append((name, path))
-                method(progress, path, *args)
-
-            return call
+        def spy_expect(progress, path, seconds):
+            self.events.append(("expect", path))
+            expect(progress, path, seconds)
 
         monkeypatch.setattr(job._FeatureSink, "take", spy_take)
-        monkeypatch.setattr(job.Progress, "expect", spy("expect", expect))
-        monkeypatch.setattr(job.Progress, "advance", spy("advance", advance))
+        monkeypatch.setattr(job.Progress, "expect", spy_expect)
 
     def expected_before(self, what: str) -> set[str]:
         """The paths expected before the first event `what`."""
