@@ -60,6 +60,11 @@ if TYPE_CHECKING:  # a CPU task's worker imports this module: torch is imported 
     from quovadis.pipeline.flow import FlowConfig
 
 _FLOW_CLIPS_IN_FLIGHT = 1  # per flow actor: a run of clips costs seconds, so queue none at a busy actor while another idles
+# per CPU I3D actor: its torch threads take every core, so a call queued at it cannot start
+# sooner; `bench extract` of 4 x 16 s videos, RGB: 16.8 and 17.0 s of wall against 19.6 and
+# 20.1 s with Ray Data's default of 4, the same I3D busy time. On a GPU the default stays: the
+# next batch is ready when the GPU is done with one.
+_CPU_I3D_CALLS_IN_FLIGHT = 1
 _PLAN_CPUS = 0.25  # a probe task's CPU share
 _MAX_INPUT_BLOCKS = 4096  # input rows are split into this many blocks at most: the plan tasks' parallelism
 
@@ -406,7 +411,8 @@ def build(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec, fl
         return ds.map_batches(
             I3DStage, fn_constructor_kwargs={"cfg": predictor_cfg, "all_cores": resources.i3d_all_cores, "batch_size": batch_size},
             # runs of clips per call: batch_size clips when runs are full
-            batch_size=max(1, batch_size // spec.run_clips), compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors),
+            batch_size=max(1, batch_size // spec.run_clips),
+            compute=ray.data.ActorPoolStrategy(size=resources.i3d_actors, max_tasks_in_flight_per_actor=_CPU_I3D_CALLS_IN_FLIGHT if resources.i3d_all_cores else None),
             num_cpus=i3d_options.pop("num_cpus", None), num_gpus=i3d_options.pop("num_gpus", None),
             **_ACTORS, **i3d_options,
         )  # fmt: skip
