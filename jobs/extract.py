@@ -43,7 +43,7 @@ import numpy as np
 
 from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
-from quovadis.jobs.progress import Progress
+from quovadis.jobs.progress import Progress, probed_durations
 from quovadis.jobs.preprocess import PreprocessConfig, parse_size, preprocess
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.resources import extract_stages
@@ -308,7 +308,7 @@ def _run(cfg: ExtractConfig, pcfg: PredictorConfig, rows: list[dict], sink: _Fea
     decode = dataclasses.replace(cfg.decode, segment_frames=clip_segment_frames(cfg.decode.segment_frames, cfg.stride))
     resources = extract_stages(cfg.streams, cfg.flow)
     ds = graph.build(rows, decode, spec, cfg.shards.flow_dtype, pcfg, resources, cfg.batch_size)
-    sink.progress.expect_from(graph.probed_durations(rows, decode))
+    sink.progress.expect_from(probed_durations([r["path"] for r in rows if r["kind"] == graph.VIDEO]))
     try:
         for r in ds.iter_rows():
             sink.take(r)

@@ -15,10 +15,6 @@ preprocess (`build_preprocess`):
                --flow (the same actor pool)--> chunks with flow (quantised as stored)
                --write (tasks on the workers, _PIECE_CHUNKS chunks per piece file)--> written rows
 
-and beside either (`probed_durations`), iterated by a driver thread for the progress bar's total:
-
-    input rows --probe (CPU tasks)--> a planned row (probed duration) per video
-
 Stored videos are read in the decode stage (`dataset.read_clip`, as training reads them) and skip
 flow. Every row has the same four columns: `path` (the input), `kind`, `start` (clip start, or
 segment index) and `payload`, the row's Python objects pickled (protocol 5: arrays are copied
@@ -53,7 +49,7 @@ from quovadis.pipeline import conventions
 from quovadis.pipeline.clips import Clip, ClipRun, ClipSpec, SegmentEnd, crop_flow, segment_clips, stored_runs
 from quovadis.pipeline.decode import DecodeConfig, Segment, output_size, plan_segments
 from quovadis.pipeline.errors import QuovadisError
-from quovadis.pipeline.probe import VideoInfo, probe
+from quovadis.pipeline.probe import probe
 from quovadis.pipeline.shards import stored_flow
 
 if TYPE_CHECKING:  # a CPU task's worker imports this module: torch is imported by the actors that use it
@@ -115,23 +111,9 @@ def plan_video(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec | None) -
              "duration": info.duration or 0.0}  # fmt: skip
     segments = plan_segments(info, decode)
     if spec is None:  # preprocess stores the probe with the video
-        yield _planned_row(path, info, decode)
+        yield row(path, PLANNED, duration=attrs["duration"], info=info.to_dict(), height=height, width=width)
     for seg in segments:
         yield row(path, SEGMENT, seg.index, info=info, seg=seg, segments=len(segments), box=box, attrs=attrs)
-
-
-def _planned_row(path: str, info: VideoInfo, decode: DecodeConfig) -> dict[str, Any]:
-    height, width = output_size(info, decode)
-    return row(path, PLANNED, duration=info.duration or 0.0, info=info.to_dict(), height=height, width=width)
-
-
-def announce_video(r: dict[str, Any], decode: DecodeConfig) -> Iterator[dict[str, Any]]:
-    """`probed_durations`'s stage: a video row -> its planned row; nothing when the probe fails, as the
-    plan stage fails the video itself."""
-    try:
-        yield _planned_row(r["path"], probe(r["path"]), decode)
-    except QuovadisError:
-        return
 
 
 def decode_clips(r: dict[str, Any], decode: DecodeConfig, spec: ClipSpec) -> Iterator[dict[str, Any]]:
@@ -364,24 +346,6 @@ def _planned(inputs: list[dict[str, Any]], decode: DecodeConfig, spec: ClipSpec 
     # a probe is light; its own resources also keep Ray Data from fusing it with decode into one
     # task, which would decode the segments of a video one after the other
     return ds.flat_map(plan_video, fn_kwargs={"decode": decode, "spec": spec}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
-
-
-def probed_durations(inputs: list[dict[str, Any]], decode: DecodeConfig) -> Iterator[tuple[str, float]]:
-    """(path, probed seconds) of each video of `inputs` as the announce dataset probes them, for the
-    progress bar's total (`Progress.expect_from` iterates it beside the graph). The graph's own rows
-    reach the driver only through the batches of its last stage (a one-video extract showed no
-    total for 53 s). Each video is probed twice for it: ffmpeg reads its header and first frame
-    (0.02-0.25 s)."""
-    import ray.data
-
-    videos = [r for r in inputs if r["kind"] == VIDEO]
-    if not videos:
-        return
-    ds = ray.data.from_items(videos, override_num_blocks=max(1, min(len(videos), _MAX_INPUT_BLOCKS)))
-    with _remote_args_quiet():
-        ds = ds.flat_map(announce_video, fn_kwargs={"decode": decode}, **{**_TASKS, "num_cpus": _PLAN_CPUS})
-    for r in ds.iter_rows():
-        yield r["path"], payload(r)["duration"]
 
 
 def _with_flow(ds, resources: StageResources, flow_dtype: str):

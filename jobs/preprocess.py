@@ -29,7 +29,7 @@ from typing import Any
 
 from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
-from quovadis.jobs.progress import Progress
+from quovadis.jobs.progress import Progress, probed_durations
 from quovadis.jobs.report import JobReport, failure_reason
 from quovadis.jobs.resources import preprocess_stages
 from quovadis.jobs.runtime import check_shared_out, init_ray, out_dir_lock
@@ -170,7 +170,7 @@ class _ShardSink:
         resources = preprocess_stages(self.cfg.streams, self.cfg.flow)
         rows = [graph.row(p, graph.VIDEO) for p in todo]
         ds = graph.build_preprocess(rows, self.cfg.decode, str(self.out), self.cfg.shards, resources)
-        self.progress.expect_from(graph.probed_durations(rows, self.cfg.decode))
+        self.progress.expect_from(probed_durations(todo))
         try:
             for r in ds.iter_rows():
                 self.take(r)

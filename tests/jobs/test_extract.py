@@ -271,10 +271,10 @@ class _Seen:
 
 
 def test_the_bar_total_is_known_before_any_clip_comes_back(ray_session, tmp_path, monkeypatch):
-    """Each video's probed duration reaches the bar from probes beside the graph, before the first
-    row comes out of the graph (its rows wait in the I3D stage's batches: a one-video job showed
-    0/0 video-s until its end); stored videos are expected from their frame count before the
-    graph starts."""
+    """Each video's probed duration reaches the bar from the driver's probes beside the graph,
+    before the first row comes out of the graph (its rows wait in the I3D stage's batches: a
+    one-video job showed 0/0 video-s until its end); stored videos are expected from their frame
+    count before the graph starts."""
     (tmp_path / "v").mkdir()
     videos = [str(make_video(tmp_path / "v" / f"{i}.mp4", fps=30, duration=1.2 + 0.4 * i, size=(96, 64))) for i in range(2)]
     common = ["--streams", "rgb", "--clip-len", "8", "--crop-size", "56", "--short-side", "64", "--weights-rgb", _weights("rgb")]

@@ -12,7 +12,10 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -151,3 +154,49 @@ def test_parts_of_a_video_move_the_bar_up_to_what_was_expected():
         progress.advance("b.mp4", 0.5)
         progress.done("b.mp4", failed=True)
         assert (bar.n, bar.total) == (5.8, 5.8)
+
+
+def test_probed_durations_come_from_the_drivers_own_probes(tmp_path, monkeypatch):
+    from quovadis.jobs import progress as progress_module
+
+    videos = {  # name: (seconds, make_video arguments)
+        "one.mp4": (1.0, {"fps": 25}),
+        "two s.mkv": (2.0, {"fps": 30, "audio": True}),
+        "three.avi": (3.0, {"fps": 12, "codec": "mpeg4", "size": (97, 71)}),
+        "half.webm": (0.5, {"fps": 24, "codec": "libvpx"}),
+    }
+    for name, (seconds, kwargs) in videos.items():
+        make_video(tmp_path / name, duration=seconds, **kwargs)
+    (tmp_path / "noise.mp4").write_bytes(os.urandom(4000))
+    paths = [str(tmp_path / n) for n in videos] + [str(tmp_path / "noise.mp4"), str(tmp_path / "missing.mp4")]
+    probed_in, real_probe = set(), progress_module.probe
+
+    def spy(path):
+        probed_in.add(threading.current_thread().name)
+        return real_probe(path)
+
+    monkeypatch.setattr(progress_module, "probe", spy)
+    got = dict(progress_module.probed_durations(paths, threads=2))
+    assert set(got) == {str(tmp_path / n) for n in videos}  # the bad files yield nothing
+    for name, (seconds, _) in videos.items():
+        assert got[str(tmp_path / name)] == pytest.approx(seconds, abs=0.1), name
+    assert probed_in == {"progress-probe"}  # this process's threads, not Ray tasks
+
+
+def test_closing_probed_durations_stops_the_probing(monkeypatch):
+    from quovadis.jobs import progress as progress_module
+
+    calls = []
+
+    def slow_probe(path):
+        calls.append(path)
+        time.sleep(0.05)
+        return SimpleNamespace(duration=1.0)  # what probed_durations reads of a VideoInfo
+
+    monkeypatch.setattr(progress_module, "probe", slow_probe)
+    durations = progress_module.probed_durations([f"v{i}.mp4" for i in range(100)], threads=2)
+    assert next(durations)[1] == 1.0
+    durations.close()  # the job is over: the probes under way end, no other starts
+    time.sleep(0.3)
+    assert len(calls) <= 4, len(calls)
+    assert not any(t.name == "progress-probe" for t in threading.enumerate())
