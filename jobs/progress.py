@@ -189,29 +189,23 @@ def probed_durations(paths: list[str], threads: int = _PROBE_THREADS) -> Iterato
     those took cost 1-2 CPU s each at the job's start. A path that fails to probe yields nothing
     (the job fails that video itself, with its reason). Closing the iterator stops the probing
     once the probes under way end."""
-    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for path in paths:
+    workers = min(threads, len(paths))
+    todo: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # the paths, then a None per thread
+    for path in [*paths, *[None] * workers]:
         todo.put(path)
     found: queue.SimpleQueue[tuple[str, float] | Exception | None] = queue.SimpleQueue()  # None: a thread ended
     stop = threading.Event()
 
     def probe_next() -> None:
         try:
-            while not stop.is_set():
-                try:
-                    path = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
+            while not stop.is_set() and (path := todo.get()) is not None:
+                with contextlib.suppress(QuovadisError):
                     found.put((path, probe(path).duration or 0.0))
-                except QuovadisError:
-                    continue
         except Exception as e:  # handed to the reader, which says so (expect_from logs it)
             found.put(e)
         finally:
             found.put(None)
 
-    workers = min(threads, len(paths))
     for _ in range(workers):
         threading.Thread(target=probe_next, name="progress-probe", daemon=True).start()
     try:
