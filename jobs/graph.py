@@ -211,7 +211,8 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
             for (r, p), mine in zip(chunks, refs):
                 chunk = p["chunk"]
                 out.append(row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(chunk.rgb), node=node, flow_actor=p.get("flow_actor"),
-                               flow_s=p.get("flow_s"), flow_call=p.get("flow_call"), flow_pairs=0 if chunk.flow is None else len(chunk.flow)))  # fmt: skip
+                               flow_s=p.get("flow_s"), flow_cpu_s=p.get("flow_cpu_s"), flow_call=p.get("flow_call"),
+                               flow_pairs=0 if chunk.flow is None else len(chunk.flow)))  # fmt: skip
         except QuovadisError as e:
             out += [_failed(r["path"], failure_reason(e, r["path"])) for r, _ in chunks]
     return _columns(out)
@@ -220,8 +221,9 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
 class FlowStage:
     """Flow of each run of clips (extract) or chunk (preprocess) from its grey frames, stored as
     shards store it (quantised uint8 or float16), each clip's cropped; one TV-L1 device per actor.
-    The row says which actor, its how-manieth call and how many seconds it took (preprocess's
-    report.json)."""
+    The row says which actor, its how-manieth call, and the seconds and the actor process's CPU
+    seconds it took (preprocess's report.json): CPU seconds are what `bench flow` reports, and
+    unlike the wall they do not count the time other processes on the same cores took."""
 
     def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
@@ -238,7 +240,7 @@ class FlowStage:
             if name and (p := payload(r))[name].gray is not None:
                 item = p[name]
                 try:
-                    started = time.perf_counter()
+                    started, started_cpu = time.perf_counter(), time.process_time()
                     stored = stored_flow(self.predict(item.gray), self.flow_dtype)
                     if name == "run":
                         for clip in item.clips:
@@ -247,7 +249,8 @@ class FlowStage:
                         item.flow = stored
                     item.gray = None
                     r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor,
-                            flow_s=time.perf_counter() - started, flow_call=self.calls)  # fmt: skip
+                            flow_s=time.perf_counter() - started, flow_cpu_s=time.process_time() - started_cpu,
+                            flow_call=self.calls)  # fmt: skip
                     self.calls += 1
                 except QuovadisError as e:
                     r = _failed(r["path"], str(e))

@@ -194,7 +194,9 @@ class _ShardSink:
         if self.flow_actors:
             pairs = sum(a["pairs"] for a in self.flow_actors.values())
             busy = sum(a["busy_s"] for a in self.flow_actors.values())
-            self.report.extra["flow"] = {"pairs": pairs, "busy_s": busy, "s_per_pair": busy / max(1, pairs), "actors": self.flow_actors}
+            cpu = sum(a["cpu_s"] for a in self.flow_actors.values())
+            self.report.extra["flow"] = {"pairs": pairs, "busy_s": busy, "s_per_pair": busy / max(1, pairs), "cpu_s": cpu,
+                                         "cpu_s_per_pair": cpu / max(1, pairs), "actors": self.flow_actors}  # fmt: skip
 
     def take(self, r: dict[str, Any]) -> None:
         path, kind = r["path"], r["kind"]
@@ -229,15 +231,16 @@ class _ShardSink:
             self._maybe_add(video)
 
     def _count_flow(self, p: dict[str, Any]) -> None:
-        """A flow actor's chunks, pairs and busy seconds (a redone chunk's too: work it did), and its
-        first call's seconds, which hold its start (torch.compile, CUDA)."""
-        actor = self.flow_actors.setdefault(p["flow_actor"], {"chunks": 0, "pairs": 0, "busy_s": 0.0, "first_call_s": None,
-                                                                   "first_call_pairs": 0})  # fmt: skip
+        """A flow actor's chunks, pairs, busy seconds and CPU seconds (a redone chunk's too: work it
+        did), and its first call's, which hold its start (torch.compile, CUDA)."""
+        actor = self.flow_actors.setdefault(p["flow_actor"], {"chunks": 0, "pairs": 0, "busy_s": 0.0, "cpu_s": 0.0, "first_call_s": None,
+                                                                   "first_call_cpu_s": None, "first_call_pairs": 0})  # fmt: skip
         actor["chunks"] += 1
         actor["pairs"] += p["flow_pairs"]
         actor["busy_s"] += p["flow_s"]
+        actor["cpu_s"] += p["flow_cpu_s"]
         if p["flow_call"] == 0:
-            actor["first_call_s"], actor["first_call_pairs"] = p["flow_s"], p["flow_pairs"]
+            actor["first_call_s"], actor["first_call_cpu_s"], actor["first_call_pairs"] = p["flow_s"], p["flow_cpu_s"], p["flow_pairs"]
 
     def _maybe_add(self, video: _Video) -> None:
         """Add the video to a shard once every frame (and flow field) of it is written."""

@@ -3,11 +3,12 @@ and flow's cost per pair inside the job.
 
 Figures: video-seconds per wall-second and frames/s (video time = frames at --fps), the bytes the
 job left under OUT (shards and their pieces), and per stage (decode, flow, write) the seconds spent
-inside its work, summed over its workers (jobs/bench/timeline.py). Flow per pair is
-the flow actors' seconds over their pairs (report.json's "flow", timed in the actors), and again
-without each actor's first call, which holds its torch.compile (or CUDA start): the figures to set
-against the same frames timed outside the job, or `bench flow --pairs 0` on the same video
-(BENCHMARKS.md), not against bench flow's default pairs, a video's first.
+inside its work, summed over its workers (jobs/bench/timeline.py). Flow per pair is the flow
+actors' seconds over their pairs (report.json's "flow", timed in the actors), in wall and in CPU
+seconds (the wall also counts what other processes took from the same cores; `bench flow` reports
+CPU seconds), and again without each actor's first call, which holds its torch.compile (or CUDA
+start): the figures to set against the same frames timed outside the job, or `bench flow --pairs 0`
+on the same video (BENCHMARKS.md), not against bench flow's default pairs, a video's first.
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ def _lines(args: argparse.Namespace, report, wall: float, stored: int, events: l
     if flow := report.extra.get("flow"):
         actors = flow["actors"].values()
         firsts = [a["first_call_s"] for a in actors if a["first_call_s"] is not None]
-        later_s = flow["busy_s"] - sum(firsts)
         later_pairs = flow["pairs"] - sum(a["first_call_pairs"] for a in actors)
-        later = f"the other calls {later_s / later_pairs:.3f} s per pair" if later_pairs else "no other calls"
+
+        def later(total: float, first: str) -> str:
+            rest = total - sum(a[first] for a in actors if a[first] is not None)
+            return f"the other calls {rest / later_pairs:.3f} per pair" if later_pairs else "no other calls"
+
         lines += ["", f"flow: {flow['pairs']} pairs on {len(actors)} actors, {flow['busy_s']:.1f} s busy = {flow['s_per_pair']:.3f} s per pair; "
-                      f"each actor's first call {', '.join(f'{s:.1f}' for s in firsts)} s; {later}"]  # fmt: skip
+                      f"each actor's first call {', '.join(f'{s:.1f}' for s in firsts)} s; {later(flow['busy_s'], 'first_call_s')}",
+                  f"flow CPU s (the actors' processes, as `bench flow` counts): {flow['cpu_s']:.1f} = {flow['cpu_s_per_pair']:.3f} per pair; "
+                  f"{later(flow['cpu_s'], 'first_call_cpu_s')}"]  # fmt: skip
     return lines

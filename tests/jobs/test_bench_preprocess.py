@@ -25,3 +25,5 @@ def test_bench_reports_stages_and_flow_per_pair(ray_session, tmp_path, capsys):
     m = re.search(r"^flow: 39 pairs on (\d+) actors, ([\d.]+) s busy = ([\d.]+) s per pair", out, re.MULTILINE)
     assert m and int(m[1]) >= 1
     assert abs(float(m[3]) - float(m[2]) / 39) < 0.003  # both rounded as printed
+    cpu = re.search(r"^flow CPU s \(.*\): ([\d.]+) = ([\d.]+) per pair; (the other calls [\d.]+ per pair|no other calls)$", out, re.MULTILINE)
+    assert cpu and float(cpu[1]) > 0 and abs(float(cpu[2]) - float(cpu[1]) / 39) < 0.003

@@ -68,7 +68,12 @@ def test_flow_spreads_over_actors_and_equals_one_actor(ray_session, tmp_path, mo
     assert sum(a["chunks"] for a in flow["actors"].values()) == 5
     for actor in flow["actors"].values():
         assert actor["first_call_pairs"] in (15, 16, 8, 9) and 0 < actor["first_call_s"] <= actor["busy_s"]
+        assert 0 < actor["first_call_cpu_s"] <= actor["cpu_s"]
+        # one torch thread per actor: its process's CPU seconds stay under the wall, bar Ray's own threads
+        assert actor["cpu_s"] <= 1.2 * actor["busy_s"] + 0.2
     assert flow["busy_s"] == pytest.approx(sum(a["busy_s"] for a in flow["actors"].values()))
+    assert flow["cpu_s"] == pytest.approx(sum(a["cpu_s"] for a in flow["actors"].values()))
+    assert flow["cpu_s_per_pair"] == pytest.approx(flow["cpu_s"] / 63)
 
     monkeypatch.setattr(resources, "cpu_flow_actors", lambda cpus: (1, 0.5))  # the old single actor
     one = preprocess(videos, PreprocessConfig(out=str(tmp_path / "one"), **cfg))
