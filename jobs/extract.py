@@ -45,7 +45,7 @@ from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress, probed_durations
 from quovadis.jobs.preprocess import PreprocessConfig, parse_size, preprocess
-from quovadis.jobs.report import JobReport, failure_reason
+from quovadis.jobs.report import FlowTally, JobReport, failure_reason
 from quovadis.jobs.resources import extract_stages
 from quovadis.jobs.runtime import check_shared_out, init_ray, out_dir_lock
 from quovadis.models.predictor import PredictorConfig
@@ -344,7 +344,7 @@ class _FeatureSink:
         self.pending: list[tuple[_Video, features.VideoFeatures]] = []
         self.last_write = -float("inf")
         self.decode_nodes: dict[str, int] = {}
-        self.flow_actors: dict[str, str] = {}  # actor -> node
+        self.flow = FlowTally()  # the flow actors' work, for report.json
         self.busy = {"i3d_s": 0.0, "write_s": 0.0}
 
     def take(self, r: dict[str, Any]) -> None:
@@ -370,10 +370,8 @@ class _FeatureSink:
             if len(video.ends) == video.segments and not self._settle(video):
                 return
         elif kind == graph.FEATURES:
-            if p.get("flow_actor"):
-                node, _ = p["flow_actor"].rsplit(":", 1)
-                self.flow_actors[p["flow_actor"]] = node
-            video.clips[r["start"]] = {n: v for n, v in p.items() if n != "flow_actor"}
+            self.flow.add(p.get("flow_work"))
+            video.clips[r["start"]] = {n: v for n, v in p.items() if n != "flow_work"}
             self.progress.advance(path, self.cfg.stride / self.cfg.decode.fps)
         if video.frames is not None and all(s in video.clips for s in video.starts):
             self._done(video)
@@ -461,12 +459,11 @@ class _FeatureSink:
         self.progress.done(path, failed=True)
 
     def _note_nodes(self) -> None:
-        flow_nodes: dict[str, int] = {}
-        for node in self.flow_actors.values():
-            flow_nodes[node] = flow_nodes.get(node, 0) + 1
         nodes = self.report.extra.setdefault("nodes", {})
         if self.decode_nodes:  # (with --keep-shards preprocess's own count stays)
-            nodes.update(decode_segments=dict(self.decode_nodes), flow_actors=flow_nodes)
+            nodes.update(decode_segments=dict(self.decode_nodes), flow_actors=self.flow.nodes())
+        if self.flow.actors:
+            self.report.extra["flow"] = self.flow.summary()
         self.report.extra["stage_busy_s"] = dict(self.busy)
 
     def _log_top5(self, path: str, logits: np.ndarray) -> None:

@@ -210,9 +210,7 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
             node = _node()
             for (r, p), mine in zip(chunks, refs):
                 chunk = p["chunk"]
-                out.append(row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(chunk.rgb), node=node, flow_actor=p.get("flow_actor"),
-                               flow_s=p.get("flow_s"), flow_cpu_s=p.get("flow_cpu_s"), flow_call=p.get("flow_call"),
-                               flow_pairs=0 if chunk.flow is None else len(chunk.flow)))  # fmt: skip
+                out.append(row(r["path"], WRITTEN, r["start"], refs=mine, frames=len(chunk.rgb), node=node, flow_work=p.get("flow_work")))
         except QuovadisError as e:
             out += [_failed(r["path"], failure_reason(e, r["path"])) for r, _ in chunks]
     return _columns(out)
@@ -221,9 +219,10 @@ def write_pieces(batch: dict[str, np.ndarray], shard_dir: str, compression: dict
 class FlowStage:
     """Flow of each run of clips (extract) or chunk (preprocess) from its grey frames, stored as
     shards store it (quantised uint8 or float16), each clip's cropped; one TV-L1 device per actor.
-    The row says which actor, its how-manieth call, and the seconds and the actor process's CPU
-    seconds it took (preprocess's report.json): CPU seconds are what `bench flow` reports, and
-    unlike the wall they do not count the time other processes on the same cores took."""
+    The row's `flow_work` says which actor, its how-manieth call, its pairs, and the seconds and
+    the actor process's CPU seconds it took (report.FlowTally, report.json): CPU seconds are what
+    `bench flow` reports, and unlike the wall they do not count what other processes on the same
+    cores took."""
 
     def __init__(self, cfg: FlowConfig, flow_dtype: str) -> None:
         from quovadis.pipeline.flow import FlowPredictor
@@ -248,9 +247,9 @@ class FlowStage:
                     else:
                         item.flow = stored
                     item.gray = None
-                    r = row(r["path"], r["kind"], item.start, **{name: item}, flow_actor=self.actor,
-                            flow_s=time.perf_counter() - started, flow_cpu_s=time.process_time() - started_cpu,
-                            flow_call=self.calls)  # fmt: skip
+                    work = {"actor": self.actor, "call": self.calls, "pairs": len(stored),
+                            "s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu}  # fmt: skip
+                    r = row(r["path"], r["kind"], item.start, **{name: item}, flow_work=work)
                     self.calls += 1
                 except QuovadisError as e:
                     r = _failed(r["path"], str(e))
@@ -278,13 +277,13 @@ class I3DStage:
         started = time.perf_counter()
         rows = list(_rows(batch))
         out = [r for r in rows if r["kind"] != CLIP]
-        groups: dict[tuple, list[tuple[str, Clip, str | None]]] = {}  # clips of one shape: (path, clip, flow actor)
+        groups: dict[tuple, list[tuple[str, Clip, dict | None]]] = {}  # clips of one shape: (path, clip, its run's flow work)
         for r in rows:
             if r["kind"] == CLIP:
                 p = payload(r)
                 for clip in p["run"].clips:
                     kind = tuple((s, getattr(clip, s).shape, getattr(clip, s).dtype.str) for s in self.streams)
-                    groups.setdefault(kind, []).append((r["path"], clip, p.get("flow_actor")))
+                    groups.setdefault(kind, []).append((r["path"], clip, p.get("flow_work")))
         for group in groups.values():
             for first in range(0, len(group), self.batch_size):
                 members = group[first : first + self.batch_size]
@@ -295,8 +294,8 @@ class I3DStage:
                     out.extend(_failed(path, failure_reason(e, path)) for path, _, _ in members)
                     continue
                 names = [n for n in result if n != "clip_id"]
-                for i, (path, clip, actor) in enumerate(members):
-                    out.append(row(path, FEATURES, clip.start, flow_actor=actor, **{n: np.asarray(result[n][i]) for n in names}))
+                for i, (path, clip, work) in enumerate(members):
+                    out.append(row(path, FEATURES, clip.start, flow_work=work, **{n: np.asarray(result[n][i]) for n in names}))
         busy = (time.perf_counter() - started) / max(1, len(out))
         return {**_columns(out), "busy_s": [busy] * len(out)}
 

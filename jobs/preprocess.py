@@ -30,7 +30,7 @@ from typing import Any
 from quovadis.jobs import graph
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.progress import Progress, probed_durations
-from quovadis.jobs.report import JobReport, failure_reason
+from quovadis.jobs.report import FlowTally, JobReport, failure_reason
 from quovadis.jobs.resources import preprocess_stages
 from quovadis.jobs.runtime import check_shared_out, init_ray, out_dir_lock
 from quovadis.pipeline import manifest, pieces
@@ -162,7 +162,7 @@ class _ShardSink:
         self.videos: dict[str, _Video] = {}
         self.finished: set[str] = set()
         self.decode_nodes: dict[str, int] = {}  # node id -> segments decoded there, for report.json
-        self.flow_actors: dict[str, dict[str, Any]] = {}  # "node:pid" of each flow actor that sent a chunk -> its work
+        self.flow = FlowTally()  # the flow actors' work, for report.json
         self.write_nodes: dict[str, int] = {}  # node id -> chunks written into pieces there
         self.writer_error: str | None = None
 
@@ -185,18 +185,10 @@ class _ShardSink:
         for path in todo:  # a safety net: every input ends ok or failed
             if path not in self.finished:
                 self._fail(path, f"{path}: not all of its frames came back from the pipeline")
-        flow_nodes: dict[str, int] = {}
-        for actor in self.flow_actors:
-            node = actor.rsplit(":", 1)[0]
-            flow_nodes[node] = flow_nodes.get(node, 0) + 1
-        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": flow_nodes,
+        self.report.extra["nodes"] = {"decode_segments": self.decode_nodes, "flow_actors": self.flow.nodes(),
                                       "chunks_written": self.write_nodes}  # fmt: skip
-        if self.flow_actors:
-            pairs = sum(a["pairs"] for a in self.flow_actors.values())
-            busy = sum(a["busy_s"] for a in self.flow_actors.values())
-            cpu = sum(a["cpu_s"] for a in self.flow_actors.values())
-            self.report.extra["flow"] = {"pairs": pairs, "busy_s": busy, "s_per_pair": busy / max(1, pairs), "cpu_s": cpu,
-                                         "cpu_s_per_pair": cpu / max(1, pairs), "actors": self.flow_actors}  # fmt: skip
+        if self.flow.actors:
+            self.report.extra["flow"] = self.flow.summary()
 
     def take(self, r: dict[str, Any]) -> None:
         path, kind = r["path"], r["kind"]
@@ -219,8 +211,7 @@ class _ShardSink:
                 for warning in end.warnings:  # the worker's own log never reaches the driver
                     log.warning("%s: %s", path, warning)
         elif kind == graph.WRITTEN:
-            if p.get("flow_actor"):
-                self._count_flow(p)
+            self.flow.add(p.get("flow_work"))
             fresh = [ref for ref in p["refs"] if (ref.stream, ref.start) not in video.refs]
             for ref in fresh:
                 video.refs[ref.stream, ref.start] = ref
@@ -229,18 +220,6 @@ class _ShardSink:
                 self.write_nodes[p["node"]] = self.write_nodes.get(p["node"], 0) + 1
         if video.planned is not None and video.segments is not None and len(video.ends) == video.segments:
             self._maybe_add(video)
-
-    def _count_flow(self, p: dict[str, Any]) -> None:
-        """A flow actor's chunks, pairs, busy seconds and CPU seconds (a redone chunk's too: work it
-        did), and its first call's, which hold its start (torch.compile, CUDA)."""
-        actor = self.flow_actors.setdefault(p["flow_actor"], {"chunks": 0, "pairs": 0, "busy_s": 0.0, "cpu_s": 0.0, "first_call_s": None,
-                                                                   "first_call_cpu_s": None, "first_call_pairs": 0})  # fmt: skip
-        actor["chunks"] += 1
-        actor["pairs"] += p["flow_pairs"]
-        actor["busy_s"] += p["flow_s"]
-        actor["cpu_s"] += p["flow_cpu_s"]
-        if p["flow_call"] == 0:
-            actor["first_call_s"], actor["first_call_cpu_s"], actor["first_call_pairs"] = p["flow_s"], p["flow_cpu_s"], p["flow_pairs"]
 
     def _maybe_add(self, video: _Video) -> None:
         """Add the video to a shard once every frame (and flow field) of it is written."""

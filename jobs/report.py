@@ -83,6 +83,47 @@ class JobReport:
         return write_json_atomic(out_dir / REPORT_NAME, self.to_json(), indent=2)
 
 
+class FlowTally:
+    """The flow actors' work as their rows report it (graph.FlowStage's `flow_work`): per actor its
+    calls, pairs, wall and CPU seconds, and its first call's apart (it holds the actor's start:
+    torch.compile, CUDA). Each call counts once, however many rows carry it (a run's clips, a
+    write or I3D call redone downstream); a call redone by a restarted actor counts again, as that
+    actor's: it was computed twice."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, dict[str, Any]] = {}  # "node:pid" -> its work
+        self._calls: set[tuple[str, int]] = set()
+
+    def add(self, work: dict[str, Any] | None) -> None:
+        if work is None or (work["actor"], work["call"]) in self._calls:
+            return
+        self._calls.add((work["actor"], work["call"]))
+        actor = self.actors.setdefault(work["actor"], {"calls": 0, "pairs": 0, "busy_s": 0.0, "cpu_s": 0.0, "first_call_s": None,
+                                                        "first_call_cpu_s": None, "first_call_pairs": 0})  # fmt: skip
+        actor["calls"] += 1
+        actor["pairs"] += work["pairs"]
+        actor["busy_s"] += work["s"]
+        actor["cpu_s"] += work["cpu_s"]
+        if work["call"] == 0:
+            actor["first_call_s"], actor["first_call_cpu_s"], actor["first_call_pairs"] = work["s"], work["cpu_s"], work["pairs"]
+
+    def nodes(self) -> dict[str, int]:
+        """Flow actors per node id."""
+        counts: dict[str, int] = {}
+        for actor in self.actors:
+            node = actor.rsplit(":", 1)[0]
+            counts[node] = counts.get(node, 0) + 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        """report.json's "flow": totals, per pair (wall and CPU seconds; `bench flow` reports CPU), per actor."""
+        pairs = sum(a["pairs"] for a in self.actors.values())
+        busy = sum(a["busy_s"] for a in self.actors.values())
+        cpu = sum(a["cpu_s"] for a in self.actors.values())
+        return {"pairs": pairs, "busy_s": busy, "s_per_pair": busy / max(1, pairs), "cpu_s": cpu,
+                "cpu_s_per_pair": cpu / max(1, pairs), "actors": self.actors}  # fmt: skip
+
+
 def failure_reason(e: BaseException, path: str | None = None) -> str:
     """One line naming the cause of a per-input failure (a Ray task error is unwrapped), starting
     with `path` when given."""

@@ -60,3 +60,23 @@ def repeat_command(name: str, args: argparse.Namespace) -> str:
         else:
             words.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
     return " ".join(words)
+
+
+def flow_lines(flow: dict) -> list[str]:
+    """The flow actors' cost per pair (report.json's "flow", report.FlowTally), in wall and in CPU
+    seconds, all calls and without each actor's first (its torch.compile or CUDA start): the figures
+    to set against `bench flow --pairs 0` on the same video, which reports CPU seconds."""
+    actors = flow["actors"].values()
+    firsts = [a["first_call_s"] for a in actors if a["first_call_s"] is not None]
+    later_pairs = flow["pairs"] - sum(a["first_call_pairs"] for a in actors)
+
+    def later(total: float, first: str) -> str:
+        rest = total - sum(a[first] for a in actors if a[first] is not None)
+        return f"the other calls {rest / later_pairs:.3f} per pair" if later_pairs else "no other calls"
+
+    return [
+        f"flow: {flow['pairs']} pairs on {len(actors)} actors, {flow['busy_s']:.1f} s busy = {flow['s_per_pair']:.3f} s per pair; "
+        f"each actor's first call {', '.join(f'{s:.1f}' for s in firsts)} s; {later(flow['busy_s'], 'first_call_s')}",
+        f"flow CPU s (the actors' processes, as `bench flow` counts): {flow['cpu_s']:.1f} = {flow['cpu_s_per_pair']:.3f} per pair; "
+        f"{later(flow['cpu_s'], 'first_call_cpu_s')}",
+    ]  # fmt: skip

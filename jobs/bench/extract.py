@@ -14,6 +14,8 @@ the seconds spent inside its work, summed over its workers, and that sum over th
              --keep-shards preprocess's write_pieces tasks (before the graph: the shard writer
              actor's calls)
 
+and flow's cost per pair as the flow actors timed it (report.json's "flow"; `bench.flow_lines`).
+
 Stage times come from Ray's task timeline (jobs/bench/timeline.py), so the job runs exactly as
 `extract`.
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 
 from quovadis.jobs import extract as extract_job, options
-from quovadis.jobs.bench import device_line, repeat_command
+from quovadis.jobs.bench import device_line, flow_lines, repeat_command
 from quovadis.jobs.bench.timeline import events_since, stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
@@ -91,6 +93,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {seconds:.1f} | {seconds / wall:.2f} |" for name, seconds in busy.items()]
+    if flow := report.extra.get("flow"):
+        lines += ["", *flow_lines(flow)]
     print("\n".join(lines))
     return 0 if not report.failed else 1
 

@@ -3,12 +3,8 @@ and flow's cost per pair inside the job.
 
 Figures: video-seconds per wall-second and frames/s (video time = frames at --fps), the bytes the
 job left under OUT (shards and their pieces), and per stage (decode, flow, write) the seconds spent
-inside its work, summed over its workers (jobs/bench/timeline.py). Flow per pair is the flow
-actors' seconds over their pairs (report.json's "flow", timed in the actors), in wall and in CPU
-seconds (the wall also counts what other processes took from the same cores; `bench flow` reports
-CPU seconds), and again without each actor's first call, which holds its torch.compile (or CUDA
-start): the figures to set against the same frames timed outside the job, or `bench flow --pairs 0`
-on the same video (BENCHMARKS.md), not against bench flow's default pairs, a video's first.
+inside its work, summed over its workers (jobs/bench/timeline.py), and flow's cost per pair as the
+flow actors timed it (report.json's "flow"; `bench.flow_lines`).
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import time
 from pathlib import Path
 
 from quovadis.jobs import options, preprocess as preprocess_job
-from quovadis.jobs.bench import device_line, repeat_command
+from quovadis.jobs.bench import device_line, flow_lines, repeat_command
 from quovadis.jobs.bench.timeline import events_since, stage_busy
 from quovadis.jobs.inputs import expand_inputs
 from quovadis.jobs.runtime import init_ray
@@ -60,16 +56,5 @@ def _lines(args: argparse.Namespace, report, wall: float, stored: int, events: l
         *(f"| {name} | {seconds:.2f} | {seconds / wall:.2f} |" for name, seconds in busy.items() if name != "i3d"),
     ]
     if flow := report.extra.get("flow"):
-        actors = flow["actors"].values()
-        firsts = [a["first_call_s"] for a in actors if a["first_call_s"] is not None]
-        later_pairs = flow["pairs"] - sum(a["first_call_pairs"] for a in actors)
-
-        def later(total: float, first: str) -> str:
-            rest = total - sum(a[first] for a in actors if a[first] is not None)
-            return f"the other calls {rest / later_pairs:.3f} per pair" if later_pairs else "no other calls"
-
-        lines += ["", f"flow: {flow['pairs']} pairs on {len(actors)} actors, {flow['busy_s']:.1f} s busy = {flow['s_per_pair']:.3f} s per pair; "
-                      f"each actor's first call {', '.join(f'{s:.1f}' for s in firsts)} s; {later(flow['busy_s'], 'first_call_s')}",
-                  f"flow CPU s (the actors' processes, as `bench flow` counts): {flow['cpu_s']:.1f} = {flow['cpu_s_per_pair']:.3f} per pair; "
-                  f"{later(flow['cpu_s'], 'first_call_cpu_s')}"]  # fmt: skip
+        lines += ["", *flow_lines(flow)]
     return lines

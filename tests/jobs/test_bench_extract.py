@@ -26,3 +26,7 @@ def test_bench_reports_clips_stages_and_bytes(ray_session, tmp_path, capsys):
     assert set(busy) == {"decode", "flow", "i3d", "write"} and min(busy["decode"], busy["flow"], busy["i3d"]) > 0
     m = re.search(r"bytes written under OUT .*: ([\d.]+) MB; peak OUT size: ([\d.]+) MB; feature files at the end: ([\d.]+) MB", out)
     assert m and 0 < float(m[3]) <= float(m[1]) < 1  # features, index and report of one video: no frames
+    # flow as the actors timed it: 30 frames have 29 pairs, each computed once for the 5 overlapping clips
+    flow = re.search(r"^flow: (\d+) pairs on \d+ actors, ([\d.]+) s busy.*\nflow CPU s \(.*\): ([\d.]+) = ([\d.]+) per pair", out, re.MULTILINE)
+    assert flow and int(flow[1]) == 29 and float(flow[2]) > 0 and float(flow[3]) > 0
+    assert abs(float(flow[4]) - float(flow[3]) / 29) < 0.003  # both rounded as printed

@@ -65,7 +65,7 @@ def test_flow_spreads_over_actors_and_equals_one_actor(ray_session, tmp_path, mo
     # report.json's flow work: 39 + 24 pairs in chunks of 15, 16, 8 (a) and 15, 9 (b), timed in the actors
     flow = many.extra["flow"]
     assert flow["pairs"] == 63 and sum(a["pairs"] for a in flow["actors"].values()) == 63
-    assert sum(a["chunks"] for a in flow["actors"].values()) == 5
+    assert sum(a["calls"] for a in flow["actors"].values()) == 5
     for actor in flow["actors"].values():
         assert actor["first_call_pairs"] in (15, 16, 8, 9) and 0 < actor["first_call_s"] <= actor["busy_s"]
         assert 0 < actor["first_call_cpu_s"] <= actor["cpu_s"]
@@ -78,7 +78,7 @@ def test_flow_spreads_over_actors_and_equals_one_actor(ray_session, tmp_path, mo
     monkeypatch.setattr(resources, "cpu_flow_actors", lambda cpus: (1, 0.5))  # the old single actor
     one = preprocess(videos, PreprocessConfig(out=str(tmp_path / "one"), **cfg))
     (actor,) = one.extra["flow"]["actors"].values()
-    assert (actor["chunks"], actor["pairs"]) == (5, 63)
+    assert (actor["calls"], actor["pairs"]) == (5, 63)
     assert sorted(many.ok) == sorted(one.ok) == sorted(videos)
     got, want = _read_all(tmp_path / "many"), _read_all(tmp_path / "one")
     for v in videos:
