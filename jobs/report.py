@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,11 +110,7 @@ class FlowTally:
 
     def nodes(self) -> dict[str, int]:
         """Flow actors per node id."""
-        counts: dict[str, int] = {}
-        for actor in self.actors:
-            node = actor.rsplit(":", 1)[0]
-            counts[node] = counts.get(node, 0) + 1
-        return counts
+        return dict(Counter(actor.rsplit(":", 1)[0] for actor in self.actors))
 
     def summary(self) -> dict[str, Any]:
         """report.json's "flow": totals, per pair (wall and CPU seconds; `bench flow` reports CPU), per actor."""
